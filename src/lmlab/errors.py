@@ -1,0 +1,5 @@
+"""The one exception type lmlab raises for bad input; the CLI prints it as a single line."""
+
+
+class LmlabError(ValueError):
+    """A problem the user can fix (bad config, missing file, wrong shape). Printed without a traceback."""

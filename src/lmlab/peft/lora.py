@@ -1,0 +1,236 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+Each targeted projection W0 gets a trainable low-rank update (Eq. 3 of the paper):
+
+    h = W0 x + (alpha / r) * B A dropout(x),   A: (r, d_in) kaiming-uniform, B: (d_out, r) zeros,
+
+so the model is unchanged at initialisation. ``model.eval()`` merges B A into W0 (inference costs
+nothing extra) and ``model.train()`` restores W0 bit for bit. Adapters are saved and loaded in the
+Hugging Face PEFT format, so ``peft.PeftModel.from_pretrained`` reads them and lmlab reads peft's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lmlab.errors import LmlabError
+from lmlab.io import load_tensors, read_json, save_tensors, write_json
+from lmlab.models import model_spec
+from lmlab.peft._modules import find_modules, freeze
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """LoRA hyperparameters.
+
+    r: rank of the update B A. alpha: scale numerator, the update is multiplied by alpha / r.
+    dropout: dropout on the LoRA branch's input. target_modules: module-name suffixes (a list) or a
+    full-name regex (a string), as in peft; None targets the attention query/key/value projections.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise LmlabError(f"LoRA rank must be a positive integer, got {self.r!r}")
+        if self.alpha <= 0:
+            raise LmlabError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LmlabError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, list):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+
+class LoraLayer(nn.Module):
+    """Wraps a ``nn.Linear`` or GPT-2 ``Conv1D`` (``base_layer``) and adds ``scale * B(A(dropout(x)))``."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # Conv1D stores W as (d_in, d_out)
+        w = base_layer.weight
+        d_out, d_in = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else w.shape
+        self.lora_A = nn.Linear(d_in, r, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(r, d_out, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self._w0: torch.Tensor | None = None  # the unmerged W0 while merged, to restore it exactly
+
+    @property
+    def merged(self) -> bool:
+        return self._w0 is not None
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B A, laid out like ``base_layer.weight``."""
+        delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (d_out, d_in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self) -> None:
+        """W <- W0 + scale * B A; W0 is kept (not recomputed by subtraction) so unmerge is exact."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        self._w0 = weight.data
+        with torch.no_grad():
+            weight.data = self._w0 + self.delta_weight()
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base_layer.weight.data = self._w0
+            self._w0 = None
+
+    def train(self, mode: bool = True):
+        """``eval()`` is ``train(False)``: merge for inference, unmerge for training."""
+        super().train(mode)
+        if mode:
+            self.unmerge()
+        else:
+            self.merge()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        needs_grad = torch.is_grad_enabled() and self.lora_A.weight.requires_grad
+        if self.merged and not needs_grad:
+            return self.base_layer(x)
+        # Unmerged path; while merged (training in eval mode) it uses the saved W0.
+        base = self.base_layer(x) if not self.merged else self._project(x, self._w0)
+        return base + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        bias = self.base_layer.bias
+        if self.fan_in_fan_out:
+            out = x @ weight
+            return out + bias if bias is not None else out
+        return F.linear(x, weight, bias)
+
+
+def apply(model: nn.Module, config: LoraConfig) -> nn.Module:
+    """Wrap every targeted projection of ``model`` in a ``LoraLayer``; only LoRA weights stay trainable."""
+    targets = config.target_modules or model_spec(model.config).qkv
+    names = find_modules(model, targets, (nn.Linear, Conv1D))
+    freeze(model)
+    for name in names:
+        layer = LoraLayer(model.get_submodule(name), config.r, config.alpha, config.dropout)
+        model.set_submodule(name, layer)
+        layer.train(model.training)
+    mark_only_lora_as_trainable(model)
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA weights, under their module names (``...c_attn.lora_A.weight``)."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every ``LoraLayer`` by its base layer with B A merged in: a plain transformers model."""
+    for name, layer in lora_layers(model).items():
+        layer.merge()
+        layer._w0 = None
+        model.set_submodule(name, layer.base_layer)
+    return model
+
+
+# --- Hugging Face PEFT format ---------------------------------------------------------------
+
+
+def _target_modules(model: nn.Module, names: Sequence[str]) -> list[str] | str:
+    """Leaf names if they pick out exactly ``names``, else a regex of the full names."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    same_leaf = {n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in leaves and n}
+    if same_leaf == set(names):
+        return leaves
+    return "^(?:" + "|".join(n.replace(".", r"\.") for n in sorted(names)) + ")$"
+
+
+def save(model: nn.Module, out_dir: str | Path) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout and key names)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise LmlabError("model has no LoRA layers to save")
+    first = next(iter(layers.values()))
+    out_dir = Path(out_dir)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
+        "lora_dropout": getattr(first.lora_dropout, "p", 0.0), "target_modules": _target_modules(model, list(layers)),
+        "fan_in_fan_out": first.fan_in_fan_out, "bias": "none", "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None, "use_dora": False, "use_rslora": False,
+        "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": getattr(model, "name_or_path", None),
+    }
+    save_tensors(out_dir / ADAPTER_WEIGHTS, {_PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()},
+                 metadata={"format": "pt"})
+    write_json(out_dir / ADAPTER_CONFIG, config)
+    return out_dir
+
+
+def read_config(adapter_dir: str | Path) -> LoraConfig:
+    """The ``LoraConfig`` of a PEFT-format adapter folder; unsupported PEFT options are an error."""
+    raw = read_json(Path(adapter_dir) / ADAPTER_CONFIG)
+    if raw.get("peft_type") != "LORA":
+        raise LmlabError(f"{adapter_dir} holds a {raw.get('peft_type')} adapter, not LoRA")
+    for key in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save"):
+        if raw.get(key):
+            raise LmlabError(f"{adapter_dir}: peft option {key}={raw[key]!r} is not supported by lmlab")
+    if raw.get("bias", "none") != "none":
+        raise LmlabError(f"{adapter_dir}: peft option bias={raw['bias']!r} is not supported by lmlab")
+    targets = raw.get("target_modules")
+    return LoraConfig(
+        r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
+        target_modules=targets if isinstance(targets, str) else tuple(targets or ()) or None,
+    )
+
+
+def load(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Apply the LoRA adapter saved in ``adapter_dir`` (by lmlab or peft) to a base ``model``."""
+    apply(model, read_config(adapter_dir))
+    weights = load_tensors(Path(adapter_dir) / ADAPTER_WEIGHTS)
+    weights = {k.removeprefix(_PEFT_PREFIX).replace(".default.weight", ".weight"): v for k, v in weights.items()}
+    load_state(model, weights, str(adapter_dir))
+    return model
+
+
+def load_state(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``weights`` into the model's LoRA parameters, checking names and shapes first."""
+    own = lora_state_dict(model)
+    missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
+    if missing or unexpected:
+        raise LmlabError(
+            f"adapter {source} does not fit this model: "
+            f"{len(missing)} weights missing (e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})"
+        )
+    for k, v in weights.items():
+        if v.shape != own[k].shape:
+            raise LmlabError(
+                f"adapter {source} was made for another model: {k} has shape {tuple(v.shape)}, "
+                f"this model needs {tuple(own[k].shape)}"
+            )
+    training = model.training
+    model.train()  # unmerge, copy, then re-merge with the loaded weights
+    model.load_state_dict(weights, strict=False)
+    model.train(training)
