@@ -49,6 +49,7 @@ class ModelSpec:
     mlp_out: str  # feed-forward output projection (adapter goes after it)
     norms: tuple[str, ...]  # layer norms, trainable with adapters by option
     hidden: int
+    ff: int  # feed-forward inner width
     layers: int
     heads: int
     kv_heads: int
@@ -72,14 +73,15 @@ def model_spec(config) -> ModelSpec:
     if kind == "gpt2":
         return ModelSpec(
             family="gpt2", qkv=("c_attn",), attn_out="attn.c_proj", mlp_out="mlp.c_proj",
-            norms=("ln_1", "ln_2", "ln_f"), hidden=config.n_embd, layers=config.n_layer,
-            heads=config.n_head, kv_heads=config.n_head,
+            norms=("ln_1", "ln_2", "ln_f"), hidden=config.n_embd, ff=config.n_inner or 4 * config.n_embd,
+            layers=config.n_layer, heads=config.n_head, kv_heads=config.n_head,
         )
     if kind in _LLAMA_LIKE:
         return ModelSpec(
             family="llama", qkv=("q_proj", "k_proj", "v_proj"), attn_out="self_attn.o_proj",
             mlp_out="mlp.down_proj", norms=("input_layernorm", "post_attention_layernorm", "model.norm"),
-            hidden=config.hidden_size, layers=config.num_hidden_layers, heads=config.num_attention_heads,
+            hidden=config.hidden_size, ff=config.intermediate_size, layers=config.num_hidden_layers,
+            heads=config.num_attention_heads,
             kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
         )
     raise LmlabError(f"unsupported architecture {kind!r}: lmlab knows gpt2 and {', '.join(_LLAMA_LIKE)}")

@@ -1,0 +1,1 @@
+"""Planning calculators: closed-form parameter counts (``params``), later scaling laws and memory."""

@@ -1,0 +1,59 @@
+"""BitFit (Ben Zaken et al. 2022, "BitFit: Simple Parameter-efficient Fine-tuning"): train only the
+bias terms (of the projections and of the layer norms), freeze every weight matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmlab.errors import LmlabError
+from lmlab.io import load_tensors, save_tensors, write_json
+
+CONFIG_FILE = "bitfit_config.json"
+WEIGHTS_FILE = "bitfit_model.safetensors"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BitFitConfig:
+    """BitFit has no hyperparameters: every parameter named ``*.bias`` trains."""
+
+
+def _is_bias(name: str) -> bool:
+    return name == "bias" or name.endswith(".bias")
+
+
+def apply(model: nn.Module, config: BitFitConfig | None = None) -> nn.Module:
+    """Leave only bias terms trainable; a model without any (Llama) is an error, not a silent no-op."""
+    names = [n for n, _ in model.named_parameters() if _is_bias(n)]
+    if not names:
+        raise LmlabError(
+            f"BitFit trains bias terms only, and {type(model).__name__} has none "
+            "(Llama-family models have no biases); choose lora, adapter, prefix or full"
+        )
+    for name, p in model.named_parameters():
+        p.requires_grad_(_is_bias(name))
+    return model
+
+
+def bias_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if _is_bias(n)}
+
+
+def save(model: nn.Module, out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    save_tensors(out_dir / WEIGHTS_FILE, bias_state_dict(model), metadata={"format": "pt"})
+    write_json(out_dir / CONFIG_FILE, {"method": "bitfit", "base_model_name_or_path": getattr(model, "name_or_path", None)})
+    return out_dir
+
+
+def load(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    apply(model)
+    weights = load_tensors(Path(adapter_dir) / WEIGHTS_FILE)
+    own = bias_state_dict(model)
+    if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
+        raise LmlabError(f"BitFit checkpoint {adapter_dir} was made for another model")
+    model.load_state_dict(weights, strict=False)
+    return model

@@ -1,0 +1,136 @@
+"""LoRA: identity at init, merge/unmerge, exact restore, trainable set, PEFT interop both ways."""
+
+import pytest
+import torch
+from conftest import logits, randomize, tiny
+
+from lmlab import LmlabError
+from lmlab.peft import lora
+
+
+def lora_model(family, r=4, alpha=8.0, targets=None, seed=0):
+    model = tiny(family, seed)
+    lora.apply(model, lora.LoraConfig(r=r, alpha=alpha, target_modules=targets))
+    return model
+
+
+def randomize_lora(model):
+    randomize([layer.lora_B.weight for layer in lora.lora_layers(model).values()])
+
+
+def test_identity_at_init(family, ids):
+    base = logits(tiny(family).eval(), ids)
+    model = lora_model(family)
+    assert torch.equal(logits(model.eval(), ids), base)
+    assert torch.equal(logits(model.train(), ids), base)
+
+
+def test_merged_equals_unmerged(family, ids):
+    model = lora_model(family)
+    randomize_lora(model)
+    unmerged = logits(model.train(), ids)
+    merged = logits(model.eval(), ids)
+    assert all(layer.merged for layer in lora.lora_layers(model).values())
+    assert not torch.allclose(merged, logits(tiny(family).eval(), ids), atol=1e-3)  # LoRA does something
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=0)
+
+
+def test_train_eval_train_restores_weights_exactly(family):
+    model = lora_model(family)
+    randomize_lora(model)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "eval() should merge B A into the base weights"
+    model.train()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_training_in_eval_mode_still_reaches_lora(family, ids):
+    """Merged forward with gradients enabled must still route gradients to A and B."""
+    model = lora_model(family)
+    randomize_lora(model)
+    model.eval()
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("family,targets,expected", [
+    ("tiny-gpt2", None, {"c_attn"}),
+    ("tiny-llama", None, {"q_proj", "k_proj", "v_proj"}),
+    ("tiny-gpt2", ("c_attn", "c_fc"), {"c_attn", "c_fc"}),
+    ("tiny-llama", r".*\.0\.self_attn\.(q|v)_proj", {"q_proj", "v_proj"}),
+])
+def test_only_lora_weights_train(family, targets, expected):
+    model = lora_model(family, targets=targets)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} == expected
+
+
+def test_gradients_reach_every_lora_weight(family, ids):
+    model = lora_model(family).train()
+    randomize_lora(model)
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"r": 0}, "rank"), ({"r": -2}, "rank"), ({"alpha": 0}, "alpha"), ({"dropout": 1.0}, "dropout"),
+])
+def test_bad_config_is_one_clear_error(kwargs, message):
+    with pytest.raises(LmlabError, match=message):
+        lora.LoraConfig(**kwargs)
+
+
+def test_target_matching_nothing_is_an_error(family):
+    with pytest.raises(LmlabError, match="matches no"):
+        lora_model(family, targets=("no_such_proj",))
+
+
+def test_save_load_roundtrip(family, ids, tmp_path):
+    model = lora_model(family)
+    randomize_lora(model)
+    lora.save(model, tmp_path)
+    restored = lora.load(tiny(family), tmp_path)
+    torch.testing.assert_close(logits(restored.eval(), ids), logits(model.eval(), ids), atol=1e-6, rtol=0)
+
+
+def test_loading_into_another_model_is_an_error(tmp_path):
+    lora.save(lora_model("tiny-llama"), tmp_path)
+    other = tiny("tiny-llama")
+    other.model.layers[0].self_attn.q_proj = torch.nn.Linear(64, 32, bias=False)
+    with pytest.raises(LmlabError):
+        lora.load(other, tmp_path)
+
+
+def test_peft_loads_lmlab_adapter_with_equal_logits(family, ids, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = lora_model(family)
+    randomize_lora(model)
+    lora.save(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny(family), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs, ids), logits(model.eval(), ids), atol=1e-5, rtol=0)
+
+
+def test_lmlab_loads_peft_adapter_with_equal_logits(family, ids, tmp_path):
+    peft = pytest.importorskip("peft")
+    targets = ["c_attn"] if family == "tiny-gpt2" else ["q_proj", "v_proj"]
+    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=targets, fan_in_fan_out=family == "tiny-gpt2",
+                             init_lora_weights=False)  # random B, so the adapter is not a no-op
+    theirs = peft.get_peft_model(tiny(family), config).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = lora.load(tiny(family), tmp_path).eval()
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=1e-5, rtol=0)
+    assert not torch.allclose(logits(ours, ids), logits(tiny(family).eval(), ids), atol=1e-3)
+
+
+def test_merge_and_unload_gives_plain_model(family, ids):
+    model = lora_model(family)
+    randomize_lora(model)
+    expected = logits(model.eval(), ids)
+    plain = lora.merge_and_unload(model)
+    assert not lora.lora_layers(plain)
+    torch.testing.assert_close(logits(plain, ids), expected, atol=1e-5, rtol=0)
