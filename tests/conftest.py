@@ -33,3 +33,35 @@ def randomize(params, std: float = 0.1) -> None:
     with torch.no_grad():
         for p in params:
             p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+RT = "../shared/data/rotten_tomatoes"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved as a local model folder, with the real SmolLM2 tokenizer (same vocab)."""
+    from transformers import AutoTokenizer
+
+    from lmlab.models import embedded_model_dir
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny("tiny-llama").save_pretrained(path)
+    AutoTokenizer.from_pretrained(embedded_model_dir()).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """64/16/16 rows of the real rotten_tomatoes (both classes), as a local jsonl folder."""
+    import json
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent.parent / RT
+    path = tmp_path_factory.mktemp("rt-small")
+    for split, n in (("train", 64), ("validation", 16), ("test", 16)):
+        rows = [json.loads(line) for line in (here / f"{split}.jsonl").read_text().splitlines()]
+        half = len(rows) // 2  # the file lists one class, then the other
+        picked = rows[: n // 2] + rows[half: half + n // 2]
+        (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picked))
+    return str(path)

