@@ -107,13 +107,14 @@ def task_format(args: argparse.Namespace, saved: dict | None = None):
     return TaskFormat(**{k: v for k, v in kwargs.items() if v is not None})
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
+def run_finetune(args: argparse.Namespace) -> dict:
+    """Fine-tune as ``args`` say; returns the summary (TrainResult fields + parameter counts)."""
     from dataclasses import asdict
 
     import torch
 
     from lmlab import peft
-    from lmlab.data import DEFAULT_DATASET, encode, load_splits
+    from lmlab.data import DEFAULT_DATASET, encode, load_splits, subsample
     from lmlab.models import load_model
     from lmlab.train import TrainConfig, check_out_dir, train
 
@@ -132,7 +133,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # the method's initial weights (LoRA's A, adapters' W_down) follow --seed
     peft.apply(model, method)
     train_items = encode(tokenizer, fmt, splits["train"], args.max_length)
-    val_items = encode(tokenizer, fmt, splits["validation"][: cfg.eval_limit], args.max_length)
+    val_items = encode(tokenizer, fmt, subsample(splits["validation"], cfg.eval_limit), args.max_length)
     trainable, total = peft.count_parameters(model)
     run_info = {"model": args.model, "dataset": dataset, "method": args.method, "max_length": args.max_length,
                 "trainable": trainable, "total": total, **asdict(fmt)}
@@ -140,13 +141,93 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"lmlab: {args.method} on {args.model}: {trainable:,} of {total:,} parameters train "
               f"({100 * trainable / total:.3f} %); {len(train_items)} training examples", flush=True)
     result = train(model, tokenizer, method, train_items, val_items, cfg, run_info)
-    summary = {**asdict(result), "trainable": trainable, "total": total, "percent": 100 * trainable / total}
+    return {**asdict(result), "trainable": trainable, "total": total, "percent": 100 * trainable / total}
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    r = run_finetune(args)
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(r))
     else:
-        print(f"done: {result.steps} steps in {result.seconds:.0f} s; best validation loss "
-              f"{result.best_val_loss:.4f} at step {result.best_step} (checkpoint {result.out_dir}/best), "
-              f"last {result.last_val_loss:.4f} ({result.out_dir}/last); curves in {result.out_dir}/loss.png")
+        print(f"done: {r['steps']} steps in {r['seconds']:.0f} s; best validation loss {r['best_val_loss']:.4f} "
+              f"at step {r['best_step']} (checkpoint {r['out_dir']}/best), last {r['last_val_loss']:.4f} "
+              f"({r['out_dir']}/last); curves in {r['out_dir']}/loss.png")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace):
+    """Evaluate as ``args`` say; returns (EvalResult, TaskFormat, dataset name)."""
+    from lmlab.data import DEFAULT_DATASET, load_splits, subsample
+    from lmlab.evaluate import evaluate_generation, evaluate_scoring
+    from lmlab.models import load_model
+    from lmlab.train import load_checkpoint
+
+    if args.checkpoint:
+        model, tokenizer, run_info = load_checkpoint(args.checkpoint, args.model)
+    else:
+        model, tokenizer = load_model(args.model or DEFAULT_MODEL)
+        run_info = {}
+    fmt = task_format(args, run_info)
+    dataset = args.dataset or run_info.get("dataset") or DEFAULT_DATASET
+    examples = subsample(load_splits(dataset, fmt, (args.split,))[args.split], args.limit)
+    if args.scoring:
+        result = evaluate_scoring(model, tokenizer, fmt, examples, batch_size=args.batch_size,
+                                  progress=not args.no_progress)
+    else:
+        result = evaluate_generation(model, tokenizer, fmt, examples, batch_size=args.batch_size,
+                                     max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    return result, fmt, dataset
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lmlab.evaluate import format_report
+
+    result, fmt, dataset = run_evaluate(args)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "dataset": dataset, "split": args.split,
+                          "checkpoint": args.checkpoint, "mode": "scoring" if args.scoring else "generation"}))
+    else:
+        print(f"{dataset} / {args.split}, {'scoring' if args.scoring else 'generation'}, "
+              f"{args.checkpoint or args.model or DEFAULT_MODEL}")
+        print(format_report(result, fmt.label_words))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lmlab import sweep
+    from lmlab.io import committed_dir
+
+    if not args.grid and not args.run:
+        raise LmlabError("give a grid: --grid FILE.toml or --run 'method=lora rank=16,128 alpha=4r'")
+    common = sweep.parse_grid_args([args.common])[0] if args.common else {}
+    runs = sweep.load_grid(args.grid) if args.grid else sweep.expand(sweep.parse_grid_args(args.run), common)
+    parser = build_parser()
+    for i, run in enumerate(runs, 1):
+        run_dir = Path(args.out_dir) / sweep.run_name(run)
+        if (run_dir / sweep.RESULT_FILE).exists():
+            print(f"[{i}/{len(runs)}] {run_dir.name}: done before, skipped", file=sys.stderr)
+            continue
+        print(f"[{i}/{len(runs)}] {run_dir.name}", file=sys.stderr, flush=True)
+        argv = ["finetune", *sweep.to_argv(run), "--out-dir", str(run_dir)]
+        if committed_dir(run_dir / "last") is not None:
+            argv.append("--resume")  # a run the last sweep left unfinished
+        summary = run_finetune(parser.parse_args(argv))
+        accuracy = {}
+        for which in ("best", "last"):
+            eval_args = parser.parse_args(["evaluate", str(run_dir / which), "--limit", str(args.eval_limit),
+                                           "--split", args.split, "--no-progress"])
+            accuracy[which] = run_evaluate(eval_args)[0].to_dict()
+        sweep.save_result(run_dir, sweep.result_row(run, summary, accuracy["best"], accuracy["last"]))
+    rows = sweep.collect(args.out_dir, runs)
+    csv_path, md_path = sweep.write_tables(args.out_dir, rows)
+    png = sweep.plot(args.out_dir, runs)
+    if args.json:
+        print(sweep.summary_json(rows))
+    else:
+        print(md_path.read_text(), end="")
+        print(f"tables: {csv_path}, {md_path}; validation-loss curves: {png}")
     return 0
 
 
@@ -182,6 +263,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="classification accuracy from generations (or label log-likelihoods "
+                                        "with --scoring) of a base model or a finetune checkpoint")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="a folder finetune wrote (RUN, RUN/best or RUN/last); omit for the base model zero-shot")
+    p.add_argument("--model", default=None, help=f"base model (default: the run's, else {DEFAULT_MODEL})")
+    add_task_args(p)
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--limit", type=_positive_int, default=None, help="N examples drawn with a fixed seed (the same N every time)")
+    p.add_argument("--scoring", action="store_true",
+                   help="compare the label words' log-likelihoods in one forward pass instead of generating")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=3)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sweep", help="a grid of finetune runs, then one table (Markdown + CSV) and one plot")
+    p.add_argument("--grid", default=None, help="TOML file with [common] and [[run]] blocks")
+    p.add_argument("--run", action="append", default=[],
+                   help="a grid block such as 'method=lora rank=16,128,196 alpha=4r' (repeatable)")
+    p.add_argument("--common", default=None,
+                   help="settings for every run, e.g. 'dataset=DIR max_iters=150 eval_interval=25'")
+    p.add_argument("--out-dir", default="runs/sweep")
+    p.add_argument("--split", default="test", choices=["validation", "test"], help="split for the accuracy columns")
+    p.add_argument("--eval-limit", type=_positive_int, default=500, help="examples per accuracy evaluation")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

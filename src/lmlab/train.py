@@ -324,3 +324,27 @@ def _log_row(out: Path, row: dict, accelerator) -> None:
         f.write(json.dumps(row) + "\n")
     if accelerator is not None:
         accelerator.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
+
+
+def load_checkpoint(path: str | Path, model_name: str | None = None):
+    """``(model, tokenizer, run_info)`` for a checkpoint ``finetune`` wrote: ``RUN/best``, ``RUN/last``
+    or ``RUN`` itself (meaning its best). The base model comes from the run's ``run.json`` unless
+    ``model_name`` is given; the method is recognised from the checkpoint's files."""
+    from lmlab.io import read_json
+    from lmlab.models import load_model
+
+    path = Path(path)
+    if (path / "run.json").exists():
+        path = path / "best"
+    found = committed_dir(path)
+    if found is None:
+        raise LmlabError(f"no checkpoint at {path}")
+    run_file = found.parent / "run.json"
+    run_info = read_json(run_file) if run_file.exists() else {}
+    name = model_name or run_info.get("model")
+    if name is None:
+        raise LmlabError(f"{found} has no run.json beside it; pass --model to name its base model")
+    model, tokenizer = load_model(name)
+    peft.load(model, found)
+    model.eval()
+    return model, tokenizer, run_info
