@@ -52,13 +52,13 @@ def norm_count(spec: ModelSpec) -> int:
 def prefix_count(spec: ModelSpec, length: int, hidden: int | None = None) -> int:
     """Plain: layers * l * 2 * d_kv (a key and a value per position per layer; d_kv < d under GQA).
 
-    With the reparametrisation of Li & Liang (2021, Sec. 4.2), P = MLP(P') with P' of shape (l, d):
-    l*d + (d*h + h) + (h * layers*2*d_kv + layers*2*d_kv).
+    With the reparametrisation of Li & Liang (2021, Sec. 4.2), P = MLP(P') with P' of shape
+    (l, d_kv): l*d_kv + (d_kv*h + h) + (h * layers*2*d_kv + layers*2*d_kv)  (peft's shapes).
     """
     out = spec.layers * 2 * spec.kv_dim
     if hidden is None:
         return length * out
-    d = spec.hidden
+    d = spec.kv_dim
     return length * d + (d * hidden + hidden) + (hidden * out + out)
 
 
