@@ -111,3 +111,9 @@ def test_accelerate_launch_two_processes(tiny_model_dir, small_dataset, tmp_path
     assert (out / "last" / "adapter_model.safetensors").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2]  # one writer, not one per process
+
+
+def test_report_to_tensorboard_writes_events(tiny_model_dir, small_dataset, tmp_path):
+    pytest.importorskip("tensorboard")
+    assert finetune(tiny_model_dir, small_dataset, tmp_path / "tb", "--max-iters", "2", "--report-to", "tensorboard") == 0
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
