@@ -55,7 +55,7 @@ def run_lmlab(args) -> dict:
     items = encode(tokenizer, fmt, rows)
     out = tempfile.mkdtemp(prefix="bench-lmlab-")
     cfg = TrainConfig(out_dir=out, lr=args.lr, batch_size=args.batch_size, max_iters=args.steps,
-                      eval_interval=10**6, eval_limit=8, log_interval=1, seed=args.seed, progress=False)
+                      eval_interval=10**6, log_interval=1, seed=args.seed, progress=False)
     train(model, tokenizer, config, items, items[:8], cfg)
     rows = [r for r in read_metrics(out) if r["step"] > args.warmup]
     seconds = sum(1 / r["tokens_per_s"] for r in rows)  # per-step rows: 1/(tok/s) is s per token

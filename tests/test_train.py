@@ -3,15 +3,14 @@
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import tiny
 
-from lmlab import LmlabError, train as train_mod
+from lmlab import train as train_mod
 from lmlab.cli import main
-from lmlab.data import left_pad_batch, Encoded
+from lmlab.data import Encoded, left_pad_batch
 from lmlab.io import load_tensors
 
 
@@ -117,3 +116,19 @@ def test_report_to_tensorboard_writes_events(tiny_model_dir, small_dataset, tmp_
     pytest.importorskip("tensorboard")
     assert finetune(tiny_model_dir, small_dataset, tmp_path / "tb", "--max-iters", "2", "--report-to", "tensorboard") == 0
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_evaluate_checkpoint_json_and_other_model_error(tiny_model_dir, small_dataset, tmp_path, capsys):
+    assert finetune(tiny_model_dir, small_dataset, tmp_path / "run") == 0
+    capsys.readouterr()
+    for extra in ([], ["--scoring"]):
+        assert main(["evaluate", str(tmp_path / "run"), "--limit", "8", "--no-progress", "--json", *extra]) == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert {"accuracy", "unparseable", "n"} <= set(out) and out["n"] == 8
+    other = tmp_path / "gpt2"
+    tiny("tiny-gpt2").save_pretrained(other)
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other)
+    assert main(["evaluate", str(tmp_path / "run" / "last"), "--model", str(other), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lmlab: error:") and ("another model" in err[-1] or "does not fit" in err[-1])

@@ -120,8 +120,7 @@ def run_finetune(args: argparse.Namespace) -> dict:
 
     cfg = TrainConfig(
         out_dir=args.out_dir, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        max_iters=args.max_iters, epochs=args.epochs, eval_interval=args.eval_interval,
-        eval_limit=args.eval_limit, dropout=args.dropout, seed=args.seed, report_to=args.report_to,
+        max_iters=args.max_iters, epochs=args.epochs, eval_interval=args.eval_interval, dropout=args.dropout, seed=args.seed, report_to=args.report_to,
         resume=args.resume, progress=not args.no_progress,
     )
     check_out_dir(cfg)
@@ -133,9 +132,10 @@ def run_finetune(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)  # the method's initial weights (LoRA's A, adapters' W_down) follow --seed
     peft.apply(model, method)
     train_items = encode(tokenizer, fmt, splits["train"], args.max_length)
-    val_items = encode(tokenizer, fmt, subsample(splits["validation"], cfg.eval_limit), args.max_length)
+    val_items = encode(tokenizer, fmt, subsample(splits["validation"], args.eval_limit), args.max_length)
     trainable, total = peft.count_parameters(model)
     run_info = {"model": args.model, "dataset": dataset, "method": args.method, "max_length": args.max_length,
+                "eval_limit": args.eval_limit,
                 "trainable": trainable, "total": total, **asdict(fmt)}
     if not args.json:
         print(f"lmlab: {args.method} on {args.model}: {trainable:,} of {total:,} parameters train "

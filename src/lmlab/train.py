@@ -40,8 +40,8 @@ OPTIMIZER_FILE = "optimizer.pt"
 class TrainConfig:
     """lr: peak AdamW learning rate (linear warmup, cosine decay to 10 %). batch_size: examples per
     micro-batch per process; grad_accum: micro-batches per optimizer step. max_iters: optimizer
-    steps (else ``epochs`` over the training split). eval_interval: steps between validation
-    passes over at most ``eval_limit`` examples. dropout: the base model's dropout probability."""
+    steps (else ``epochs`` over the training split). eval_interval: steps between passes over the
+    validation items ``train`` is given. dropout: the base model's dropout probability."""
 
     out_dir: str
     lr: float = 2.5e-4
@@ -50,7 +50,6 @@ class TrainConfig:
     max_iters: int | None = None
     epochs: float = 1.0
     eval_interval: int = 50
-    eval_limit: int | None = 300
     warmup: float = 0.05
     weight_decay: float = 0.0
     dropout: float = 0.0
@@ -147,7 +146,8 @@ def train(model, tokenizer, method_config, train_items: list[Encoded], val_items
     set_dropout(model, cfg.dropout)
     world, rank = accelerator.num_processes, accelerator.process_index
     pad_id = tokenizer.pad_token_id
-    batches_per_epoch = len(length_grouped_batches([len(i) for i in train_items], cfg.batch_size, cfg.seed)) // world
+    schedule = BatchSchedule([len(i) for i in train_items], cfg.batch_size, cfg.seed, world)
+    batches_per_epoch = schedule.per_epoch
     if batches_per_epoch == 0:
         raise LmlabError(f"the training split has {len(train_items)} examples: fewer than one batch per process")
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
@@ -176,7 +176,7 @@ def train(model, tokenizer, method_config, train_items: list[Encoded], val_items
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(cfg.grad_accum):
-            items = _micro_batch(train_items, cfg, step * cfg.grad_accum + micro, world, rank)
+            items = [train_items[i] for i in schedule.batch(step * cfg.grad_accum + micro, rank)]
             batch = left_pad_batch(items, pad_id)
             loss, _ = label_loss(model, *batch)
             accelerator.backward(loss / cfg.grad_accum)
@@ -219,15 +219,21 @@ def train(model, tokenizer, method_config, train_items: list[Encoded], val_items
                        time.time() - start_time, str(out))
 
 
-def _micro_batch(items, cfg: TrainConfig, index: int, world: int, rank: int) -> list[Encoded]:
-    """The ``index``-th micro-batch of this process, in a seeded order that depends only on
+class BatchSchedule:
+    """Which examples form the ``index``-th micro-batch of each process. The order depends only on
     (seed, epoch), so a resumed run sees exactly the batches it would have seen."""
-    batches = length_grouped_batches([len(i) for i in items], cfg.batch_size, cfg.seed)
-    per_epoch = len(batches) // world
-    epoch, pos = divmod(index, per_epoch)
-    if epoch:
-        batches = length_grouped_batches([len(i) for i in items], cfg.batch_size, cfg.seed + epoch)
-    return [items[i] for i in batches[pos * world + rank]]
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, world: int):
+        self.lengths, self.batch_size, self.seed, self.world = lengths, batch_size, seed, world
+        self._epoch, self._batches = 0, length_grouped_batches(lengths, batch_size, seed)
+        self.per_epoch = len(self._batches) // world  # micro-batches per process per epoch
+
+    def batch(self, index: int, rank: int) -> list[int]:
+        epoch, pos = divmod(index, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._batches = length_grouped_batches(self.lengths, self.batch_size, self.seed + epoch)
+        return self._batches[pos * self.world + rank]
 
 
 def _save_last(out: Path, model, method_config, optimizer, state: dict) -> None:

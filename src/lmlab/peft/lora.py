@@ -208,7 +208,10 @@ def read_config(adapter_dir: str | Path) -> LoraConfig:
 
 def load(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     """Apply the LoRA adapter saved in ``adapter_dir`` (by lmlab or peft) to a base ``model``."""
-    apply(model, read_config(adapter_dir))
+    try:
+        apply(model, read_config(adapter_dir))
+    except LmlabError as exc:
+        raise LmlabError(f"adapter {adapter_dir} does not fit this model (made for another model?): {exc}") from None
     weights = load_tensors(Path(adapter_dir) / ADAPTER_WEIGHTS)
     weights = {k.removeprefix(_PEFT_PREFIX).replace(".default.weight", ".weight"): v for k, v in weights.items()}
     load_state(model, weights, str(adapter_dir))
