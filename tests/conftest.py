@@ -1,5 +1,7 @@
 """Shared fixtures: tiny randomly initialised GPT-2 and Llama models (fast, deterministic, offline)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -35,7 +37,14 @@ def randomize(params, std: float = 0.1) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-RT = "../shared/data/rotten_tomatoes"
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"  # real data beside the project (CI has it; users may not)
+RT = str(SHARED / "rotten_tomatoes")
+
+
+def needs_shared() -> None:
+    if not (SHARED / "rotten_tomatoes" / "train.jsonl").exists():
+        pytest.skip(f"needs the shared data folder {SHARED}")
 
 
 @pytest.fixture(scope="session")
@@ -55,9 +64,9 @@ def tiny_model_dir(tmp_path_factory):
 def small_dataset(tmp_path_factory):
     """64/16/16 rows of the real rotten_tomatoes (both classes), as a local jsonl folder."""
     import json
-    from pathlib import Path
 
-    here = Path(__file__).resolve().parent.parent / RT
+    needs_shared()
+    here = Path(RT)
     path = tmp_path_factory.mktemp("rt-small")
     for split, n in (("train", 64), ("validation", 16), ("test", 16)):
         rows = [json.loads(line) for line in (here / f"{split}.jsonl").read_text().splitlines()]

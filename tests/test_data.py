@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import RT
+from conftest import RT, needs_shared
 
 from lmlab import LmlabError
 from lmlab.data import TaskFormat, left_pad_batch, Encoded, length_grouped_batches, load_splits
@@ -21,6 +21,7 @@ def write_split(folder, name, rows, suffix=".jsonl"):
 
 
 def test_reference_copy_of_rotten_tomatoes():
+    needs_shared()
     splits = load_splits(RT, TaskFormat())
     assert {k: len(v) for k, v in splits.items()} == {"train": 8530, "validation": 1066, "test": 1066}
     assert {e.label for e in splits["test"]} == {0, 1}

@@ -74,11 +74,12 @@ def test_subsample_is_fixed_and_ordered():
 @pytest.mark.slow
 def test_real_model_batched_generation_equals_one_by_one():
     """Left padding must not change what the real model (RoPE, GQA) generates."""
-    from conftest import RT
+    from conftest import RT, needs_shared
 
     from lmlab.data import load_splits
     from lmlab.models import load_model
 
+    needs_shared()
     model, tok = load_model()
     fmt = TaskFormat()
     examples = subsample(load_splits(RT, fmt, ("test",))["test"], 6)
