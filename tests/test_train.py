@@ -132,3 +132,31 @@ def test_evaluate_checkpoint_json_and_other_model_error(tiny_model_dir, small_da
     assert main(["evaluate", str(tmp_path / "run" / "last"), "--model", str(other), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("lmlab: error:") and ("another model" in err[-1] or "does not fit" in err[-1])
+
+
+def test_sigint_saves_the_completed_step_and_resume_matches(tiny_model_dir, small_dataset, tmp_path, monkeypatch,
+                                                             capsys):
+    """Ctrl-C mid-step: the step finishes, `last` is saved at it (not at the previous eval), exit 130."""
+    import os
+    import signal
+
+    args = ("--max-iters", "5", "--eval-interval", "4", "--lora-dropout", "0.1")
+    assert finetune(tiny_model_dir, small_dataset, tmp_path / "straight", *args) == 0
+    calls = {"n": 0}
+    real = train_mod.label_loss
+
+    def ctrl_c_during_step_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "label_loss", ctrl_c_during_step_3)
+    assert finetune(tiny_model_dir, small_dataset, tmp_path / "stopped", *args) == 130
+    assert "stopped at step 3 of 5" in capsys.readouterr().err
+    monkeypatch.setattr(train_mod, "label_loss", real)
+    assert json.loads((tmp_path / "stopped/last/trainer_state.json").read_text())["step"] == 3
+    assert finetune(tiny_model_dir, small_dataset, tmp_path / "stopped", *args, "--resume") == 0
+    a = load_tensors(tmp_path / "straight/last/trainable.safetensors")
+    b = load_tensors(tmp_path / "stopped/last/trainable.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

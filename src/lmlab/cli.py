@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from lmlab.errors import LmlabError
+from lmlab.errors import Interrupted, LmlabError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # lmlab.models.DEFAULT_MODEL, without importing torch
 
@@ -120,8 +120,8 @@ def run_finetune(args: argparse.Namespace) -> dict:
 
     cfg = TrainConfig(
         out_dir=args.out_dir, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        max_iters=args.max_iters, epochs=args.epochs, eval_interval=args.eval_interval, dropout=args.dropout, seed=args.seed, report_to=args.report_to,
-        resume=args.resume, progress=not args.no_progress,
+        max_iters=args.max_iters, epochs=args.epochs, eval_interval=args.eval_interval, dropout=args.dropout,
+        seed=args.seed, report_to=args.report_to, resume=args.resume, progress=not args.no_progress,
     )
     check_out_dir(cfg)
     method = method_config(args)
@@ -135,8 +135,7 @@ def run_finetune(args: argparse.Namespace) -> dict:
     val_items = encode(tokenizer, fmt, subsample(splits["validation"], args.eval_limit), args.max_length)
     trainable, total = peft.count_parameters(model)
     run_info = {"model": args.model, "dataset": dataset, "method": args.method, "max_length": args.max_length,
-                "eval_limit": args.eval_limit,
-                "trainable": trainable, "total": total, **asdict(fmt)}
+                "eval_limit": args.eval_limit, "trainable": trainable, "total": total, **asdict(fmt)}
     if not args.json:
         print(f"lmlab: {args.method} on {args.model}: {trainable:,} of {total:,} parameters train "
               f"({100 * trainable / total:.3f} %); {len(train_items)} training examples", flush=True)
@@ -172,10 +171,11 @@ def run_evaluate(args: argparse.Namespace):
     examples = subsample(load_splits(dataset, fmt, (args.split,))[args.split], args.limit)
     if args.scoring:
         result = evaluate_scoring(model, tokenizer, fmt, examples, batch_size=args.batch_size,
-                                  progress=not args.no_progress)
+                                  max_length=args.max_length, progress=not args.no_progress)
     else:
         result = evaluate_generation(model, tokenizer, fmt, examples, batch_size=args.batch_size,
-                                     max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+                                     max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                                     progress=not args.no_progress)
     return result, fmt, dataset
 
 
@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as exc:
+        print(f"lmlab: {exc}", file=sys.stderr)
+        return 130
     except LmlabError as exc:
         print(f"lmlab: error: {exc}", file=sys.stderr)
         return 2

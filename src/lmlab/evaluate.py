@@ -68,10 +68,10 @@ def _bar(total: int, enabled: bool, desc: str):
 
 @torch.inference_mode()
 def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Example], *, batch_size: int = 16,
-                        max_new_tokens: int = 3, progress: bool = True) -> EvalResult:
+                        max_new_tokens: int = 3, max_length: int = 256, progress: bool = True) -> EvalResult:
     """Greedy generation in length-sorted, left-padded batches with the KV cache."""
     model.eval()
-    items = encode(tokenizer, fmt, examples)
+    items = encode(tokenizer, fmt, examples, max_length)
     texts: list[str] = [""] * len(items)
     t0 = time.perf_counter()
     order = _length_order(items)
@@ -91,7 +91,7 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
 
 @torch.inference_mode()
 def evaluate_scoring(model, tokenizer, fmt: TaskFormat, examples: list[Example], *, batch_size: int = 32,
-                     progress: bool = True) -> EvalResult:
+                     max_length: int = 256, progress: bool = True) -> EvalResult:
     """argmax over labels of log p(label tokens | prompt).
 
     When every label word is one token, one forward of the prompt with the LM head on the last
@@ -100,7 +100,7 @@ def evaluate_scoring(model, tokenizer, fmt: TaskFormat, examples: list[Example],
     """
     model.eval()
     labels = label_token_ids(tokenizer, fmt)
-    prompts = encode(tokenizer, fmt, examples)
+    prompts = encode(tokenizer, fmt, examples, max_length)
     single = all(len(c) == 1 for c in labels)
     scores = torch.empty(len(prompts), len(labels))
     t0 = time.perf_counter()

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 
 from lmlab import peft
 from lmlab.data import Encoded, left_pad_batch, length_grouped_batches
-from lmlab.errors import LmlabError
+from lmlab.errors import Interrupted, LmlabError
 from lmlab.io import atomic_dir, committed_dir, load_tensors, save_tensors, write_json, write_text
 
 STATE_FILE = "trainer_state.json"
@@ -171,43 +174,50 @@ def train(model, tokenizer, method_config, train_items: list[Encoded], val_items
     model.train()
     step, window_loss, window_tokens, window_t0 = state["step"], [], 0, time.time()
     start_time = time.time() - state["seconds"]
-    while step < total:
-        lr = lr_at(step, total, warmup, cfg.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(cfg.grad_accum):
-            items = [train_items[i] for i in schedule.batch(step * cfg.grad_accum + micro, rank)]
-            batch = left_pad_batch(items, pad_id)
-            loss, _ = label_loss(model, *batch)
-            accelerator.backward(loss / cfg.grad_accum)
-            window_loss.append(loss.item())
-            window_tokens += int(batch[1].sum()) * world
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(window_loss[-cfg.grad_accum:]) / cfg.grad_accum:.4f}")
-        is_eval = step % cfg.eval_interval == 0 or step == total
-        if step % cfg.log_interval == 0 or is_eval:
-            row = {"step": step, "train_loss": sum(window_loss) / len(window_loss), "lr": lr,
-                   "tokens_per_s": window_tokens / max(time.time() - window_t0, 1e-9), "val_loss": None}
-            if is_eval:
-                row["val_loss"] = validation_loss(accelerator.unwrap_model(model), val_items, pad_id, 2 * cfg.batch_size)
-                state["last_val_loss"] = row["val_loss"]
-                bar.set_postfix(loss=f"{row['train_loss']:.4f}", val=f"{row['val_loss']:.4f}")
-            window_loss, window_tokens, window_t0 = [], 0, time.time()
-            state.update(step=step, seconds=time.time() - start_time)
-            if accelerator.is_main_process:
-                _log_row(out, row, accelerator if cfg.report_to != "none" else None)
-                unwrapped = accelerator.unwrap_model(model)
-                if is_eval and row["val_loss"] < state["best_val_loss"]:
-                    state.update(best_val_loss=row["val_loss"], best_step=step)
-                    with atomic_dir(out / "best") as tmp:
-                        peft.save(unwrapped, method_config, tmp)
-                        write_json(tmp / STATE_FILE, {"step": step, "val_loss": row["val_loss"]})
+    with _stop_requests() as stop:
+        while step < total:
+            lr = lr_at(step, total, warmup, cfg.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(cfg.grad_accum):
+                items = [train_items[i] for i in schedule.batch(step * cfg.grad_accum + micro, rank)]
+                batch = left_pad_batch(items, pad_id)
+                loss, _ = label_loss(model, *batch)
+                accelerator.backward(loss / cfg.grad_accum)
+                window_loss.append(loss.item())
+                window_tokens += int(batch[1].sum()) * world
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(window_loss[-cfg.grad_accum:]) / cfg.grad_accum:.4f}")
+            is_eval = step % cfg.eval_interval == 0 or step == total
+            if step % cfg.log_interval == 0 or is_eval:
+                row = {"step": step, "train_loss": sum(window_loss) / len(window_loss), "lr": lr,
+                       "tokens_per_s": window_tokens / max(time.time() - window_t0, 1e-9), "val_loss": None}
                 if is_eval:
-                    _save_last(out, unwrapped, method_config, optimizer, state)
-            accelerator.wait_for_everyone()
+                    row["val_loss"] = validation_loss(accelerator.unwrap_model(model), val_items, pad_id, 2 * cfg.batch_size)
+                    state["last_val_loss"] = row["val_loss"]
+                    bar.set_postfix(loss=f"{row['train_loss']:.4f}", val=f"{row['val_loss']:.4f}")
+                window_loss, window_tokens, window_t0 = [], 0, time.time()
+                state.update(step=step, seconds=time.time() - start_time)
+                if accelerator.is_main_process:
+                    _log_row(out, row, accelerator if cfg.report_to != "none" else None)
+                    unwrapped = accelerator.unwrap_model(model)
+                    if is_eval and row["val_loss"] < state["best_val_loss"]:
+                        state.update(best_val_loss=row["val_loss"], best_step=step)
+                        with atomic_dir(out / "best") as tmp:
+                            peft.save(unwrapped, method_config, tmp)
+                            write_json(tmp / STATE_FILE, {"step": step, "val_loss": row["val_loss"]})
+                    if is_eval:
+                        _save_last(out, unwrapped, method_config, optimizer, state)
+                accelerator.wait_for_everyone()
+            if stop.is_set():  # SIGINT/SIGTERM: keep every completed step, then stop
+                state.update(step=step, seconds=time.time() - start_time)
+                if accelerator.is_main_process:
+                    _save_last(out, accelerator.unwrap_model(model), method_config, optimizer, state)
+                bar.close()
+                raise Interrupted(f"stopped at step {step} of {total}, saved in {out / 'last'}; continue with --resume")
     bar.close()
     if cfg.report_to != "none":
         accelerator.end_training()
@@ -217,6 +227,24 @@ def train(model, tokenizer, method_config, train_items: list[Encoded], val_items
         plot_losses(read_metrics(out), out / "loss.png", title=f"{(run_info or {}).get('method', '')} fine-tuning")
     return TrainResult(step, state["best_val_loss"], state["best_step"], state["last_val_loss"],
                        time.time() - start_time, str(out))
+
+
+@contextmanager
+def _stop_requests():
+    """SIGINT/SIGTERM set a flag instead of raising mid-step (an interrupted optimizer step would
+    leave weights half-updated); the loop checks it between steps. Handlers are restored after."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class BatchSchedule:
