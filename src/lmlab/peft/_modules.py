@@ -44,3 +44,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return trainable, total
+
+
+def load_matching(model: nn.Module, weights: dict, own: dict, source: str) -> None:
+    """Load ``weights`` into ``model`` if their names and shapes are exactly ``own``'s, else one error."""
+    if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
+        raise LmlabError(f"checkpoint {source} was made for another model or configuration")
+    model.load_state_dict(weights, strict=False)

@@ -21,7 +21,7 @@ from torch import nn
 from lmlab.errors import LmlabError
 from lmlab.io import load_tensors, read_json, save_tensors, write_json
 from lmlab.models import model_spec
-from lmlab.peft._modules import find_modules, freeze, name_matches
+from lmlab.peft._modules import find_modules, freeze, load_matching, name_matches
 
 CONFIG_FILE = "bottleneck_config.json"
 WEIGHTS_FILE = "bottleneck_model.safetensors"
@@ -126,8 +126,5 @@ def load(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                            train_layer_norms=raw.get("train_layer_norms", False))
     apply(model, config)
     weights = load_tensors(Path(adapter_dir) / WEIGHTS_FILE)
-    own = adapter_state_dict(model)
-    if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
-        raise LmlabError(f"adapter {adapter_dir} was made for another model or configuration")
-    model.load_state_dict(weights, strict=False)
+    load_matching(model, weights, adapter_state_dict(model), str(adapter_dir))
     return model

@@ -11,6 +11,7 @@ from torch import nn
 
 from lmlab.errors import LmlabError
 from lmlab.io import load_tensors, save_tensors, write_json
+from lmlab.peft._modules import load_matching
 
 CONFIG_FILE = "bitfit_config.json"
 WEIGHTS_FILE = "bitfit_model.safetensors"
@@ -52,8 +53,5 @@ def save(model: nn.Module, out_dir: str | Path) -> Path:
 def load(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     apply(model)
     weights = load_tensors(Path(adapter_dir) / WEIGHTS_FILE)
-    own = bias_state_dict(model)
-    if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
-        raise LmlabError(f"BitFit checkpoint {adapter_dir} was made for another model")
-    model.load_state_dict(weights, strict=False)
+    load_matching(model, weights, bias_state_dict(model), str(adapter_dir))
     return model
