@@ -66,3 +66,19 @@ def test_embedded_model_loads_and_generates():
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
     assert (cache_dir() / "models" / DEFAULT_MODEL / "model.safetensors").exists()
+
+
+def test_contiguous_head_input_changes_no_logits():
+    from lmlab.models import contiguous_head_input
+
+    model = build_model(preset_config("tiny-llama")).eval()
+    head = model.get_output_embeddings()
+    assert head._lmlab_contiguous_input and len(head._forward_pre_hooks) == 1
+    contiguous_head_input(model)
+    assert len(head._forward_pre_hooks) == 1  # idempotent
+    ids = torch.randint(0, 1000, (3, 11))
+    with torch.no_grad():
+        hooked = model(ids, logits_to_keep=2).logits
+        head._forward_pre_hooks.clear()
+        plain = model(ids, logits_to_keep=2).logits
+    torch.testing.assert_close(hooked, plain, atol=1e-5, rtol=0)

@@ -132,6 +132,26 @@ def build_model(config, *, seed: int | None = 0, device: str = "cpu"):
         torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return contiguous_head_input(model)
+
+
+def _contiguous_first_arg(module, args):
+    return (args[0].contiguous(), *args[1:])
+
+
+def contiguous_head_input(model):
+    """Make the LM head's input contiguous before it multiplies.
+
+    transformers slices the hidden states before the head (``logits_to_keep``: the last position
+    in ``generate``, the label positions in lmlab's training loss). On CPU, ``F.linear`` on that
+    non-contiguous (B, k, d) slice takes a batched-matmul path ~3.5x slower than on a contiguous
+    copy; for SmolLM2's 49k-wide head at batch 8 it was 0.65 s against 0.16 s per forward and
+    backward, a quarter of a LoRA training step. Idempotent; results are unchanged.
+    """
+    head = model.get_output_embeddings()
+    if head is not None and not getattr(head, "_lmlab_contiguous_input", False):
+        head.register_forward_pre_hook(_contiguous_first_arg)
+        head._lmlab_contiguous_input = True
     return model
 
 
@@ -272,7 +292,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, trust_remote_co
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return model, tokenizer
+    return contiguous_head_input(model), tokenizer
 
 
 def _not_found(name: str, exc: Exception) -> str:
