@@ -112,3 +112,14 @@ def test_counts_equal_peft(preset, hidden):
         encoder_hidden_size=hidden or 1))
     ours = prefix.apply(build_model(preset_config(preset), device="meta"), prefix.PrefixConfig(length=10, hidden=hidden))
     assert count_parameters(ours)[0] == theirs.get_nb_trainable_parameters()[0]
+
+
+def test_deep_copy_with_mlp_trains_on_its_own_prefixes(family, ids):
+    """A copy (e.g. a frozen reference model) must recompute its own prefixes every forward."""
+    import copy
+
+    model = prefixed(family, CONFIGS[1]).train()
+    twin = copy.deepcopy(model)
+    for _ in range(2):  # a stale cached prefix would fail the second backward
+        twin(ids, labels=ids).loss.backward()
+    torch.testing.assert_close(logits(twin.eval(), ids), logits(model.eval(), ids), atol=1e-6, rtol=0)

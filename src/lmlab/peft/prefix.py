@@ -115,6 +115,13 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, is_causal=False, **kwargs)
 
 
+def _clear_encoder_cache(model, args) -> None:
+    """Looks the encoder up on the module it is called with, so a deep copy clears its own cache."""
+    encoder = getattr(model, "prefix_encoder", None)
+    if encoder is not None:
+        encoder.clear()
+
+
 def _register() -> None:
     """Make ``lmlab_prefix`` a known attention implementation (idempotent; sdpa's mask builder)."""
     from transformers import AttentionInterface
@@ -141,7 +148,7 @@ def apply(model: nn.Module, config: PrefixConfig) -> nn.Module:
         encoder = PrefixEncoder(config.length, config.hidden, spec.layers, spec.kv_heads,
                                 spec.head_dim, config.init_std, device)
         model.prefix_encoder = encoder
-        model.register_forward_pre_hook(lambda *_: encoder.clear())  # recompute once per forward
+        model.register_forward_pre_hook(_clear_encoder_cache)  # recompute once per forward
     for i, attention in enumerate(attention_modules(model)):
         attention.prefix = PrefixKV(spec.kv_heads, config.length, spec.head_dim, config.init_std, device, encoder, i)
     _register()
@@ -176,7 +183,7 @@ def fold(model: nn.Module) -> nn.Module:
         attention.prefix = PrefixKV(k.shape[0], k.shape[1], k.shape[2], 0.0, k.device)
         attention.prefix.key.data.copy_(k)
         attention.prefix.value.data.copy_(tensors[f"layers.{i}.value"])
-    del model.prefix_encoder  # its pre-hook now only clears a detached encoder
+    del model.prefix_encoder  # the pre-hook finds no encoder now and does nothing
     return model
 
 
