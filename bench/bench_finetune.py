@@ -65,7 +65,12 @@ def run_lmlab(args) -> dict:
 
 def run_peft(args) -> dict:
     import peft as peft_lib
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from lmlab.models import load_model
 

@@ -6,7 +6,13 @@ import pytest
 from conftest import RT, needs_shared
 
 from lmlab import LmlabError
-from lmlab.data import TaskFormat, left_pad_batch, Encoded, length_grouped_batches, load_splits
+from lmlab.data import (
+    Encoded,
+    TaskFormat,
+    left_pad_batch,
+    length_grouped_batches,
+    load_splits,
+)
 
 
 def write_split(folder, name, rows, suffix=".jsonl"):

@@ -1,67 +1,167 @@
-"""Evaluation: label parsing, batched generation == one-by-one, scoring == naive likelihood, counting."""
+"""Evaluation: label parsing, counting, batched generation == one-by-one, scoring == naive likelihood,
+on Llama (RoPE), GPT-2 (absolute positions) and Llama with LoRA (merged for evaluation, compared
+with a merge_and_unload copy)."""
+
+import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from conftest import randomize
 
+from lmlab import LmlabError
 from lmlab.data import Example, TaskFormat, encode, subsample
-from lmlab.evaluate import evaluate_generation, evaluate_scoring, format_report, parse_label, summarize
+from lmlab.evaluate import (
+    evaluate_generation,
+    evaluate_scoring,
+    format_report,
+    label_logprobs,
+    parse_label,
+    summarize,
+)
+from lmlab.models import build_model, preset_config
 
 TEXTS = ["a gripping , funny film", "dull", "the plot goes nowhere and the actors seem bored throughout",
          "one of the year's best", "meh .", "an overlong , self-indulgent mess that never finds its footing"]
+EXAMPLES = [Example(t, i % 2) for i, t in enumerate(TEXTS)]
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from lmlab.models import embedded_model_dir
+
+    # SmolLM2's: tiny-llama has the same 49,152 ids, tiny-gpt2's 50,257 include them all
+    return AutoTokenizer.from_pretrained(embedded_model_dir())
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "llama+lora"])
+def tiny_lm(request, tokenizer):
+    """A tiny random model with weights large enough (std 0.3, not 0.02) that what it generates and
+    which label it prefers depend on the input. GPT-2's absolute positions catch wrong position
+    ids (RoPE forgives a constant shift). "+lora" has random B and dropout and is left in train
+    mode, so evaluation must switch it to eval; its reference is a merge_and_unload copy.
+    Returns (model, tokenizer, reference model)."""
+    config = preset_config("tiny-gpt2" if request.param == "gpt2" else "tiny-llama")
+    config.initializer_range = 0.3
+    model = build_model(config)
+    if request.param == "llama+lora":
+        from lmlab.peft import lora
+
+        lora.apply(model, lora.LoraConfig(r=4, dropout=0.5, target_modules=("q_proj", "v_proj", "down_proj")))
+        randomize([p for n, p in model.named_parameters() if "lora_B" in n], std=0.3)
+        return model.train(), tokenizer, lora.merge_and_unload(copy.deepcopy(model)).eval()
+    return model.eval(), tokenizer, model
+
+
+def greedy_alone(model, tok, fmt, example, max_new_tokens):
+    """The reference: one unpadded prompt, no attention mask to get wrong."""
+    ids = torch.tensor([encode(tok, fmt, [example])[0].prompt_ids])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def naive_scores(model, tok, fmt, example) -> list[float]:
+    """log p(label tokens | prompt) from a full forward over prompt + label, no logits_to_keep."""
+    prompt = encode(tok, fmt, [example])[0].prompt_ids
+    scores = []
+    for label in range(len(fmt.label_words)):
+        completion = tok(fmt.completion(label), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + completion])).logits[0].log_softmax(-1)
+        scores.append(sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(completion)))
+    return scores
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("positive", 1), (" Positive.", 1), ("\nnegative\nbecause", 0), ("NEGATIVE!", 0),
-    ("posit", None), ("positively", None), ("I think positive", None), ("", None), ("neutral", None),
+    ("positive", 1), (" Positive.", 1), ("\nnegative\nbecause", 0), ("NEGATIVE!", 0), ("positive, but", 1),
+    ("posit", None), ("positively", None), ("positive_", None), ("I think positive", None), ("", None),
+    ("neutral", None), ("  ", None),
 ])
 def test_parse_label(text, expected):
     assert parse_label(text, ("negative", "positive")) == expected
 
 
+@pytest.mark.parametrize("words,text,expected", [
+    (("very bad", "quite good"), " Very  bad film", 0),
+    (("very bad", "quite good"), "quite", None),
+    (("good", "good enough"), "good enough.", 1),  # the longer word wins
+    (("good", "good enough"), "good, enough", 0),
+    (("1 star", "5 stars"), "5 stars!", 1),
+])
+def test_parse_label_multiword(words, text, expected):
+    assert parse_label(text, words) == expected
+
+
 def test_summarize_counts_unparseable_as_wrong():
-    r = summarize([1, 0, None, 1, None], [1, 1, 0, 1, 1], n_labels=2)
+    r = summarize([1, 0, None, 1, None], [1, 1, 0, 1, 1], n_labels=2, generations=["x"] * 5, seconds=2.0)
     assert (r.correct, r.n, r.unparseable) == (2, 5, 2)
-    assert r.accuracy == pytest.approx(0.4)
+    assert r.accuracy == pytest.approx(0.4) and r.examples_per_s == pytest.approx(2.5)
     assert r.confusion == [[0, 0, 1], [1, 2, 1]]
-    assert "unparseable  2" in format_report(r, ("negative", "positive"))
-    assert {"accuracy", "unparseable", "n"} <= set(r.to_dict())
+    assert {"accuracy", "unparseable", "n", "confusion", "examples_per_s"} <= set(r.to_dict())
+    report = format_report(r, ("negative", "positive")).splitlines()
+    assert report[:2] == ["accuracy     0.4000  (2/5)", "unparseable  2"]
+    assert report[-3:] == ["                  negative     positive  unparseable",
+                           "negative                 0            0            1",
+                           "positive                 1            2            1"]
+
+
+def test_summarize_three_labels_and_empty():
+    r = summarize([2, 2, 0], [2, 1, 0], n_labels=3)
+    assert r.confusion == [[1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0]] and r.correct == 2
+    assert summarize([], [], n_labels=2).accuracy == 0.0
+    with pytest.raises(ValueError):
+        summarize([0], [0, 1], n_labels=2)
 
 
 def test_batched_generation_equals_one_by_one(tiny_lm):
-    model, tok = tiny_lm
-    fmt = TaskFormat()
-    examples = [Example(t, i % 2) for i, t in enumerate(TEXTS)]
-    batched = evaluate_generation(model, tok, fmt, examples, batch_size=4, max_new_tokens=4, progress=False)
-    for e, text in zip(examples, batched.generations):
-        ids = torch.tensor([encode(tok, fmt, [e])[0].prompt_ids])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == text
+    model, tok, reference = tiny_lm
+    fmt, was_training = TaskFormat(), model.training
+    expected = [greedy_alone(reference, tok, fmt, e, 4) for e in EXAMPLES]
+    result = evaluate_generation(model, tok, fmt, EXAMPLES, batch_size=4, max_new_tokens=4, progress=False)
+    assert result.generations == expected
+    assert len(set(expected)) > 2  # the test would be vacuous if every prompt gave the same text
+    assert model.training == was_training
+    assert result.n == 6 and result.unparseable == 6  # a random model says no label word
 
 
-@pytest.mark.parametrize("words", [("negative", "positive"), ("very bad", "quite good indeed")])
+@pytest.mark.parametrize("words", [("negative", "positive"), ("very bad", "quite good"),
+                                   ("bad", "okay", "quite good indeed")])
 def test_scoring_equals_naive_likelihood(tiny_lm, words):
-    model, tok = tiny_lm
+    """Batched, left-padded, logits_to_keep (one-token labels) or one forward per label (several)."""
+    model, tok, reference = tiny_lm
     fmt = TaskFormat(label_words=words)
-    examples = [Example(t, i % 2) for i, t in enumerate(TEXTS)]
+    examples = [Example(e.text, i % len(words)) for i, e in enumerate(EXAMPLES)]
+    expected = torch.tensor([naive_scores(reference, tok, fmt, e) for e in examples])  # (N, L)
+    scores = label_logprobs(model, tok, fmt, examples, batch_size=4)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    assert (expected - expected.mean(0)).abs().max() > 0.1  # the scores depend on the input
     result = evaluate_scoring(model, tok, fmt, examples, batch_size=4, progress=False)
-    for e, predicted in zip(examples, result.predictions):
-        prompt = encode(tok, fmt, [e])[0].prompt_ids
-        scores = []
-        for label in range(len(words)):
-            completion = tok(fmt.completion(label), add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([prompt + completion])
-            with torch.no_grad():
-                logp = model(ids).logits[0].log_softmax(-1)
-            scores.append(sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(completion)))
-        assert predicted == max(range(len(words)), key=scores.__getitem__)
-    assert result.unparseable == 0
+    assert result.predictions == scores.argmax(-1).tolist()
+    assert result.unparseable == 0 and result.generations == []
+
+
+def test_evaluation_leaves_weights_trainable(tokenizer):
+    """Merging LoRA for evaluation must happen outside inference mode, or the merged weights
+    become inference tensors that a later merge_and_unload + training cannot use."""
+    from lmlab.peft import lora
+
+    model = lora.apply(build_model(preset_config("tiny-llama")), lora.LoraConfig(r=2))
+    model.train()
+    evaluate_scoring(model, tokenizer, TaskFormat(), EXAMPLES[:2], progress=False)
+    model.eval()  # stays merged
+    merged = lora.merge_and_unload(copy.deepcopy(model))
+    assert not any(p.is_inference() for p in merged.parameters())
+    for p in merged.parameters():
+        p.requires_grad_(True)
+    merged(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+
+
+def test_no_examples_is_one_clear_error(tokenizer):
+    with pytest.raises(LmlabError, match="no examples"):
+        evaluate_scoring(build_model(preset_config("tiny-llama")), tokenizer, TaskFormat(), [], progress=False)
 
 
 def test_subsample_is_fixed_and_ordered():
@@ -71,21 +171,51 @@ def test_subsample_is_fixed_and_ordered():
     assert subsample(examples, None) is examples and subsample(examples, 500) is examples
 
 
-@pytest.mark.slow
-def test_real_model_batched_generation_equals_one_by_one():
-    """Left padding must not change what the real model (RoPE, GQA) generates."""
+# --- the real SmolLM2-135M-Instruct ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real():
     from conftest import RT, needs_shared
 
     from lmlab.data import load_splits
     from lmlab.models import load_model
 
     needs_shared()
-    model, tok = load_model()
-    fmt = TaskFormat()
-    examples = subsample(load_splits(RT, fmt, ("test",))["test"], 6)
-    batched = evaluate_generation(model, tok, fmt, examples, batch_size=6, max_new_tokens=3, progress=False)
-    for e, text in zip(examples, batched.generations):
-        ids = torch.tensor([encode(tok, fmt, [e])[0].prompt_ids])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-        assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == text
+    return (*load_model(), load_splits(RT, TaskFormat(), splits=("test",))["test"])
+
+
+@pytest.mark.slow
+def test_real_model_batched_generation_equals_one_by_one(real):
+    """Left padding must not change what the real model (RoPE, GQA) generates."""
+    model, tok, test = real
+    examples = subsample(test, 6)
+    batched = evaluate_generation(model, tok, TaskFormat(), examples, batch_size=6, progress=False)
+    assert batched.generations == [greedy_alone(model, tok, TaskFormat(), e, 3) for e in examples]
+
+
+@pytest.mark.slow
+def test_real_model_accuracy(real):
+    """Both modes on 64 rotten_tomatoes reviews. Zero-shot, the model says "positive" to almost
+    everything (scoring accuracy ~0.53 here, ~0.59 on 128), so the check that scoring reads
+    sentiment is on the ranking: the margin log p(positive) - log p(negative) puts a positive
+    review above a negative one in most pairs (AUROC)."""
+    model, tok, test = real
+    examples = subsample(test, 64)
+    gen = evaluate_generation(model, tok, TaskFormat(), examples, progress=False)
+    score = evaluate_scoring(model, tok, TaskFormat(), examples, progress=False)
+    for name, r in (("generation", gen), ("scoring", score)):
+        print(f"\n{name}: accuracy {r.accuracy:.3f}, unparseable {r.unparseable}/{r.n}, "
+              f"{r.examples_per_s:.2f} examples/s\n{format_report(r, TaskFormat().label_words)}")
+    assert gen.n == score.n == 64 and 0 <= gen.unparseable <= 64 and score.unparseable == 0
+    assert gen.correct + gen.unparseable <= 64 and len(gen.generations) == 64
+    assert sum(map(sum, gen.confusion)) == sum(map(sum, score.confusion)) == 64
+    assert gen.unparseable < 32  # the instruct model mostly answers with a label word
+
+    scores = label_logprobs(model, tok, TaskFormat(), examples)
+    assert score.predictions == scores.argmax(-1).tolist()
+    margin = scores[:, 1] - scores[:, 0]
+    labels = torch.tensor([e.label for e in examples])
+    auroc = (margin[labels == 1, None] > margin[None, labels == 0]).float().mean().item()
+    print(f"scoring margin AUROC {auroc:.3f}")
+    assert auroc > 0.75

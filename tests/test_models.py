@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from lmlab import LmlabError
-from lmlab.models import (DEFAULT_MODEL, PRESETS, build_model, cache_dir, load_model, model_config, model_spec,
-                          preset_config)
+from lmlab.models import (
+    DEFAULT_MODEL,
+    PRESETS,
+    build_model,
+    cache_dir,
+    load_model,
+    model_config,
+    model_spec,
+    preset_config,
+)
 
 
 @pytest.mark.parametrize("name,family,hidden,layers", [

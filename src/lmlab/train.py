@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from lmlab import peft
 from lmlab.data import Encoded, left_pad_batch, length_grouped_batches
 from lmlab.errors import Interrupted, LmlabError
-from lmlab.io import atomic_dir, committed_dir, load_tensors, save_tensors, write_json, write_text
+from lmlab.io import (
+    atomic_dir,
+    committed_dir,
+    load_tensors,
+    save_tensors,
+    write_json,
+    write_text,
+)
 
 STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
