@@ -10,19 +10,9 @@ import argparse
 import json
 import sys
 
+from lmlab.cli._args import DEFAULT_MODEL, _positive_int
 from lmlab.errors import Interrupted, LmlabError
 
-DEFAULT_MODEL = "smollm2-135m-instruct"  # lmlab.models.DEFAULT_MODEL, without importing torch
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def add_method_args(p: argparse.ArgumentParser, rank: int = 8, alpha: float | None = None,
@@ -231,6 +221,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_groups(sub) -> None:
+    """Command groups with a module of their own in this package (``register(subparsers)`` each)."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}").register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -291,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=_positive_int, default=500, help="examples per accuracy evaluation")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(func=cmd_sweep)
+
+    _register_groups(sub)
     return parser
 
 
