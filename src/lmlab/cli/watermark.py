@@ -1,0 +1,163 @@
+"""``lmlab watermark generate|detect|classify``: a thin shell over ``lmlab.watermark``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from lmlab.cli._args import (
+    DEFAULT_MODEL,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    print_json,
+)
+from lmlab.errors import LmlabError
+
+SCHEME_CHOICES = ("none", "no-e", "hard", "soft")
+
+
+def _redlist_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("red list (defaults: the reference implementation's simple_1 / LeftHash)")
+    g.add_argument("--gamma", type=positive_float, default=0.25, help="green share of the vocabulary (0.25)")
+    g.add_argument("--delta", type=nonnegative_float, default=2.0, help="soft scheme: penalty of red logits (2.0)")
+    g.add_argument("--key", type=nonnegative_int, default=15485863, help="hash key (15485863)")
+
+
+def _redlist(args, tokenizer):
+    from lmlab.watermark import RedListConfig
+
+    return RedListConfig(vocab_size=len(tokenizer), gamma=args.gamma, delta=args.delta, key=args.key)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lmlab.generate import SamplingConfig, sample
+    from lmlab.io import read_texts, save_npy, write_jsonl
+    from lmlab.models import load_model
+    from lmlab.watermark import make_processor
+
+    suffix = Path(args.output).suffix.lower()
+    if suffix not in (".jsonl", ".npy"):
+        raise LmlabError(f"--output must end in .jsonl or .npy, got {args.output!r}")
+    prompts = read_texts(args.prompts, field="prompt")
+    config = SamplingConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                            samples=args.samples, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed, batch_size=args.batch_size, chat=args.chat)
+    model, tokenizer = load_model(args.model)
+    processor = make_processor(args.scheme, tokenizer, _redlist(args, tokenizer))
+    t0 = time.perf_counter()
+    outputs = sample(model, tokenizer, prompts, config, logits_processors=[processor] if processor else [],
+                     progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    records = [{"prompt": p, "sample": k, "scheme": args.scheme, "text": text}
+               for p, texts in zip(prompts, outputs) for k, text in enumerate(texts)]
+    if suffix == ".npy":
+        save_npy(args.output, [r["text"] for r in records])
+    else:
+        write_jsonl(args.output, records)
+    summary = {"texts": len(records), "scheme": args.scheme, "seconds": seconds, "output": args.output}
+    print_json(summary) if args.json else print(f"{len(records)} texts ({args.scheme}) in {seconds:.1f} s -> {args.output}")
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from lmlab.io import read_texts
+    from lmlab.models import load_tokenizer
+    from lmlab.watermark import GreenLists, classify_text
+
+    texts = read_texts(args.input)
+    if not texts:
+        raise LmlabError(f"{args.input}: no texts")
+    tokenizer = load_tokenizer(args.model)
+    lists = GreenLists(_redlist(args, tokenizer))
+    rows = []
+    for text in texts:
+        d = classify_text(text, tokenizer, lists)
+        if d.scored == 0:
+            rows.append({"scored": 0, "watermarked": None, "undetermined": d.reason})
+        else:
+            rows.append({"scored": d.scored, "green": d.green, "green_fraction": d.green_fraction, "z": d.z,
+                         "p_value": d.p_value, "watermarked": d.z >= args.z_threshold})
+    if args.json:
+        print_json({"texts": rows, "z_threshold": args.z_threshold})
+        return 0
+    print(f"{'#':>4} {'scored':>6} {'green':>6} {'fraction':>8} {'z':>7} {'p-value':>9}  watermarked")
+    for i, r in enumerate(rows):
+        if r.get("undetermined"):
+            print(f"{i:>4} undetermined: {r['undetermined']}")
+        else:
+            print(f"{i:>4} {r['scored']:>6} {r['green']:>6} {r['green_fraction']:>8.3f} {r['z']:>7.2f} "
+                  f"{r['p_value']:>9.2e}  {'yes' if r['watermarked'] else 'no'}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from lmlab.io import read_texts, save_npy, write_json
+    from lmlab.models import load_tokenizer
+    from lmlab.watermark import NAMES, ClassifyConfig, classify_texts
+
+    if Path(args.output).suffix.lower() != ".npy":
+        raise LmlabError(f"--output must end in .npy, got {args.output!r}")
+    texts = read_texts(args.input)
+    tokenizer = load_tokenizer(args.model)
+    decisions = classify_texts(texts, tokenizer, _redlist(args, tokenizer),
+                               ClassifyConfig(z_threshold=args.z_threshold, hard_fraction=args.hard_fraction),
+                               progress=not args.no_progress)
+    report = args.report or str(Path(args.output).with_suffix(".json"))
+    counts = {name: sum(d.code == code for d in decisions) for code, name in NAMES.items()}
+    write_json(report, {"codes": NAMES, "counts": counts, "texts": [d.to_dict() for d in decisions]})
+    save_npy(args.output, [d.code for d in decisions])
+    if args.json:
+        print_json({"guesses": [d.code for d in decisions], "counts": counts, "report": report})
+    else:
+        print(f"{len(decisions)} texts: " + ", ".join(f"{n} {name}" for name, n in counts.items() if n)
+              + f" -> {args.output} (scores: {report})", file=sys.stdout)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("watermark", help="watermark generations (no-e, hard / soft red list), detect and classify")
+    wsub = p.add_subparsers(dest="watermark_command", required=True, metavar="ACTION")
+
+    g = wsub.add_parser("generate", help="sample continuations of prompts under a watermark scheme")
+    g.add_argument("--scheme", required=True, choices=SCHEME_CHOICES)
+    g.add_argument("--prompts", required=True,
+                   help="prompts: .txt (one per line), .json list, .jsonl with a 'prompt' field, or .npy")
+    g.add_argument("--output", required=True, help=".jsonl (prompt, sample, scheme, text) or .npy of strings")
+    g.add_argument("--model", default=DEFAULT_MODEL)
+    g.add_argument("--max-new-tokens", type=positive_int, default=100)
+    g.add_argument("--min-new-tokens", type=nonnegative_int, default=0,
+                   help="ban the end-of-text token until this many new tokens (0)")
+    g.add_argument("--samples", type=positive_int, default=1, help="continuations per prompt")
+    g.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0 = greedy (1.0)")
+    g.add_argument("--top-k", type=nonnegative_int, default=0, help="0 = off (0)")
+    g.add_argument("--top-p", type=positive_float, default=1.0, help="1 = off (1.0)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch")
+    g.add_argument("--chat", action="store_true", help="send each prompt as a user turn of the chat template")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--json", action="store_true")
+    _redlist_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    for name, func, text in (("detect", cmd_detect, "red-list z test per text: scored and green tokens, z, p-value"),
+                             ("classify", cmd_classify, ("which watermark each text carries: 1 none, 2 no-e, "
+                                                        "3 hard, 4 soft (0 undetermined)"))):
+        d = wsub.add_parser(name, help=text)
+        d.add_argument("--input", required=True,
+                       help="texts: .json list or {'texts': [...]}, .jsonl with 'text', .npy of strings, or .txt lines")
+        d.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer (no weights are loaded)")
+        d.add_argument("--z-threshold", type=float, default=4.0)
+        d.add_argument("--json", action="store_true")
+        _redlist_args(d)
+        if name == "classify":
+            d.add_argument("--output", required=True, help="guesses as an .npy of ints")
+            d.add_argument("--report", default=None, help="JSON with the scores behind each guess "
+                                                          "(default: the output with .json)")
+            d.add_argument("--hard-fraction", type=positive_float, default=0.9,
+                           help="green share above which watermarked text is hard (0.9)")
+            d.add_argument("--no-progress", action="store_true")
+        d.set_defaults(func=func)

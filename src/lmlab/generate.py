@@ -1,0 +1,96 @@
+"""Batched sampling from a causal LM: prompts in, ``samples`` continuations per prompt out.
+
+One loop serves ``lmlab generate`` (SFT samples) and ``lmlab watermark generate``: the watermark
+schemes are transformers ``LogitsProcessor``s passed through ``logits_processors``. transformers
+runs user processors before its temperature / top-k / top-p warpers, as the reference watermark
+code expects (the red list is applied to the raw logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmlab.errors import LmlabError
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How to sample. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` switch
+    those filters off, so the defaults are plain sampling from the model's distribution."""
+
+    max_new_tokens: int = 100
+    min_new_tokens: int = 0  # the end-of-text token is banned before this many new tokens
+    samples: int = 1  # continuations per prompt
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 8  # prompts per batch; each brings ``samples`` rows
+    chat: bool = False  # wrap each prompt in the tokenizer's chat template as a user turn
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.samples < 1 or self.batch_size < 1:
+            raise LmlabError("max_new_tokens, samples and batch_size must be positive")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise LmlabError("min_new_tokens must be between 0 and max_new_tokens")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise LmlabError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Token ids of one prompt: raw text (with the tokenizer's BOS if it adds one), or a chat turn."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise LmlabError("this tokenizer has no chat template; drop --chat")
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"])
+    return tokenizer(prompt)["input_ids"]
+
+
+def sample(model, tokenizer, prompts: list[str], config: SamplingConfig, *, logits_processors=(),
+           progress: bool = True) -> list[list[str]]:
+    """``config.samples`` decoded continuations (new tokens only) per prompt, in prompt order.
+
+    Prompts are sorted by length and left-padded in batches; the global RNG is forked, seeded and
+    restored, so the same seed gives the same texts and the caller's random state is untouched.
+    """
+    from tqdm.auto import tqdm
+    from transformers import LogitsProcessorList
+
+    from lmlab.evaluate import _inference, _pad_id
+
+    if not prompts:
+        raise LmlabError("no prompts")
+    encoded = [prompt_ids(tokenizer, p, config.chat) for p in prompts]
+    if any(not ids for ids in encoded):
+        raise LmlabError("a prompt is empty after tokenisation (the model needs at least one token to continue)")
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and max(map(len, encoded)) + config.max_new_tokens > limit:
+        raise LmlabError(f"a prompt of {max(map(len, encoded))} tokens + {config.max_new_tokens} new tokens "
+                         f"exceeds the model's context of {limit}")
+    pad = _pad_id(tokenizer)
+    greedy = config.temperature == 0
+    options = {"max_new_tokens": config.max_new_tokens, "min_new_tokens": config.min_new_tokens,
+                   "do_sample": not greedy, "num_return_sequences": config.samples, "pad_token_id": pad,
+                   "logits_processor": LogitsProcessorList(logits_processors)}
+    if not greedy:
+        options.update(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    outputs: list[list[str]] = [[] for _ in prompts]
+    with torch.random.fork_rng(devices=[]), _inference(model), \
+            tqdm(total=len(prompts) * config.samples, disable=not progress, desc="generating", unit="text",
+                 dynamic_ncols=True) as bar:
+        torch.manual_seed(config.seed)
+        for start in range(0, len(order), config.batch_size):
+            idx = order[start:start + config.batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx])  # (B, T)
+            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx])
+            out = model.generate(input_ids=ids, attention_mask=mask, **options)  # (B * samples, T + new)
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            for row, i in enumerate(idx):
+                outputs[i] = texts[row * config.samples:(row + 1) * config.samples]
+            bar.update(len(idx) * config.samples)
+    return outputs
