@@ -1,5 +1,7 @@
 """LoRA: identity at init, merge/unmerge, exact restore, trainable set, PEFT interop both ways."""
 
+import copy
+
 import pytest
 import torch
 from conftest import logits, randomize, tiny
@@ -134,3 +136,18 @@ def test_merge_and_unload_gives_plain_model(family, ids):
     plain = lora.merge_and_unload(model)
     assert not lora.lora_layers(plain)
     torch.testing.assert_close(logits(plain, ids), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_disabled_is_the_base_model(family, ids, mode):
+    """Inside ``lora.disabled`` the adapted model gives the base model's logits, merged or not;
+    outside it the adapter is back."""
+    base = tiny(family)
+    model = lora.apply(copy.deepcopy(base), lora.LoraConfig(r=4, alpha=8))
+    randomize([p for n, p in model.named_parameters() if "lora_B" in n], std=0.3)
+    getattr(model, mode)()
+    x = ids
+    adapted = logits(model, x)
+    with lora.disabled(model):
+        assert torch.allclose(logits(model, x), logits(base.eval(), x), atol=1e-5)
+    assert torch.allclose(logits(model, x), adapted) and not torch.allclose(adapted, logits(base, x), atol=1e-3)

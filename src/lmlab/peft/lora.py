@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,7 @@ class LoraLayer(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self._w0: torch.Tensor | None = None  # the unmerged W0 while merged, to restore it exactly
+        self.disabled = False  # True: behave as the base layer (DPO's reference model, see ``disabled``)
 
     @property
     def merged(self) -> bool:
@@ -106,6 +108,8 @@ class LoraLayer(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self._project(x, self._w0) if self.merged else self.base_layer(x)
         needs_grad = torch.is_grad_enabled() and self.lora_A.weight.requires_grad
         if self.merged and not needs_grad:
             return self.base_layer(x)
@@ -136,6 +140,20 @@ def apply(model: nn.Module, config: LoraConfig) -> nn.Module:
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """Run ``model`` as its base model (W0 only) inside the block: DPO's reference policy without a
+    second copy of the weights (peft's ``disable_adapter``)."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> None:
