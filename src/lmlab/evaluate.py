@@ -205,3 +205,44 @@ def format_report(result: EvalResult, label_words) -> str:
     for word, row in zip(label_words, result.confusion):
         lines.append(word.ljust(width) + "".join(str(c).rjust(width) for c in row))
     return "\n".join(lines)
+
+
+# --- generation tasks ------------------------------------------------------------------------
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge(predictions: list[str], references: list[str], stemmer: bool = True) -> dict:
+    """ROUGE-1/2/L precision, recall and F1 (Lin 2004) per example and averaged, with Google's
+    ``rouge-score`` package (the scorer the summarization papers report)."""
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise LmlabError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise LmlabError("no predictions to score")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=stemmer)
+    rows = []
+    for pred, ref in zip(predictions, references, strict=True):
+        scores = scorer.score(ref, pred)  # (target, prediction)
+        rows.append({t: {"precision": s.precision, "recall": s.recall, "f": s.fmeasure} for t, s in scores.items()})
+    mean = {t: {k: sum(r[t][k] for r in rows) / len(rows) for k in ("precision", "recall", "f")} for t in ROUGE_TYPES}
+    return {"n": len(rows), "mean": mean, "examples": rows}
+
+
+def format_rouge(result: dict) -> str:
+    lines = [f"ROUGE over {result['n']} examples", f"{'':8}{'precision':>10}{'recall':>10}{'F1':>10}"]
+    for t in ROUGE_TYPES:
+        m = result["mean"][t]
+        lines.append(f"{t:8}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f']:>10.4f}")
+    return "\n".join(lines)
+
+
+def perplexity(model, tokenizer, items: list[Encoded], batch_size: int = 8) -> dict:
+    """Mean token cross-entropy of the completions and its exponential (the perplexity)."""
+    import math
+
+    from lmlab.train import validation_loss
+
+    loss = validation_loss(model, items, _pad_id(tokenizer), batch_size)
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": sum(len(i.completion_ids) for i in items)}

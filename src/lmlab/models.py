@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,15 +289,30 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, trust_remote_co
     source = resolve(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
-        )
+        with _quiet_weight_loading():
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError) as exc:
         raise LmlabError(_not_found(name_or_path, exc)) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return contiguous_head_input(model), tokenizer
+
+
+@contextmanager
+def _quiet_weight_loading():
+    """No "Loading weights" bar for a local load (under a second here); restored afterwards."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
 
 
 def _not_found(name: str, exc: Exception) -> str:

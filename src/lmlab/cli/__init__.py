@@ -14,7 +14,6 @@ from lmlab.cli._args import DEFAULT_MODEL, _positive_int
 from lmlab.errors import Interrupted, LmlabError
 
 
-
 def add_method_args(p: argparse.ArgumentParser, rank: int = 8, alpha: float | None = None,
                     lora_dropout: float = 0.0) -> None:
     """Options of the five adaptation methods (shared by params, finetune, ...)."""
@@ -84,6 +83,19 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-length", type=_positive_int, default=256, help="longest prompt+label in tokens")
 
 
+def add_generation_task_args(p: argparse.ArgumentParser) -> None:
+    """--task and the options of the generation tasks (finetune, evaluate)."""
+    g = p.add_argument_group("generation tasks")
+    g.add_argument("--task", default="classification", choices=["classification", "completion", "summarization"],
+                   help="classification (label words), completion (a plain-text --dataset, every token) or "
+                        "summarization (.jsonl of {post, summary}; prompt '<post>\\nTL;DR:', loss on the summary)")
+    g.add_argument("--block-size", type=_positive_int, default=128, help="completion: tokens per block (128)")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="completion / single-file summarization: the tail that validates (0.1)")
+    g.add_argument("--summary-column", default="summary", help="summarization: the summary field (summary); "
+                                                              "--text-column names the post field (post)")
+
+
 def task_format(args: argparse.Namespace, saved: dict | None = None):
     """The TaskFormat from options, falling back to a run's saved settings, then to defaults."""
     from lmlab.data import TaskFormat
@@ -95,6 +107,19 @@ def task_format(args: argparse.Namespace, saved: dict | None = None):
               "text_column": args.text_column or saved.get("text_column"),
               "label_column": args.label_column or saved.get("label_column")}
     return TaskFormat(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def sft_data(args: argparse.Namespace):
+    """The SftData of a completion or summarization run."""
+    from lmlab.sft import SftData
+
+    if not args.dataset:
+        raise LmlabError(f"--task {args.task} needs --dataset: "
+                         + ("a plain-text file" if args.task == "completion" else "a .jsonl of {post, summary} "
+                            "or a folder with train/validation .jsonl"))
+    return SftData(source=args.dataset, val_fraction=args.val_fraction, block_size=args.block_size,
+                   max_length=args.max_length, post_column=args.text_column or "post",
+                   summary_column=args.summary_column)
 
 
 def run_finetune(args: argparse.Namespace) -> dict:
@@ -116,19 +141,35 @@ def run_finetune(args: argparse.Namespace) -> dict:
     check_out_dir(cfg)
     method = method_config(args)
     fmt = task_format(args)
-    dataset = args.dataset or DEFAULT_DATASET
-    splits = load_splits(dataset, fmt, ("train", "validation"))
+    if args.task == "classification":
+        dataset = args.dataset or DEFAULT_DATASET
+        splits = load_splits(dataset, fmt, ("train", "validation"))
+    else:
+        from lmlab.sft import read_corpus, read_pairs
+
+        data = sft_data(args)
+        dataset = data.source
+        read_pairs(data) if args.task == "summarization" else read_corpus(data.source)  # bad data: fail before loading
     model, tokenizer = load_model(args.model)
     torch.manual_seed(args.seed)  # the method's initial weights (LoRA's A, adapters' W_down) follow --seed
     peft.apply(model, method)
-    train_items = encode(tokenizer, fmt, splits["train"], args.max_length)
-    val_items = encode(tokenizer, fmt, subsample(splits["validation"], args.eval_limit), args.max_length)
+    if args.task == "classification":
+        train_items = encode(tokenizer, fmt, splits["train"], args.max_length)
+        val_items = encode(tokenizer, fmt, subsample(splits["validation"], args.eval_limit), args.max_length)
+        task_info = asdict(fmt)
+    else:
+        from lmlab.sft import task_items
+
+        train_items, val_items = task_items(args.task, tokenizer, data)
+        val_items = subsample(val_items, args.eval_limit)
+        task_info = asdict(data)
     trainable, total = peft.count_parameters(model)
-    run_info = {"model": args.model, "dataset": dataset, "method": args.method, "max_length": args.max_length,
-                "eval_limit": args.eval_limit, "trainable": trainable, "total": total, **asdict(fmt)}
+    run_info = {"model": args.model, "task": args.task, "dataset": dataset, "method": args.method,
+                "max_length": args.max_length, "eval_limit": args.eval_limit, "trainable": trainable, "total": total,
+                **task_info}
     if not args.json:
         print(f"lmlab: {args.method} on {args.model}: {trainable:,} of {total:,} parameters train "
-              f"({100 * trainable / total:.3f} %); {len(train_items)} training examples", flush=True)
+              f"({100 * trainable / total:.3f} %); {len(train_items)} training {args.task} examples", flush=True)
     result = train(model, tokenizer, method, train_items, val_items, cfg, run_info)
     return {**asdict(result), "trainable": trainable, "total": total, "percent": 100 * trainable / total}
 
@@ -141,6 +182,37 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"done: {r['steps']} steps in {r['seconds']:.0f} s; best validation loss {r['best_val_loss']:.4f} "
               f"at step {r['best_step']} (checkpoint {r['out_dir']}/best), last {r['last_val_loss']:.4f} "
               f"({r['out_dir']}/last); curves in {r['out_dir']}/loss.png")
+    return 0
+
+
+def cmd_evaluate_generation_task(args: argparse.Namespace) -> int:
+    """ROUGE of predictions against references (summarization), or the validation perplexity of a
+    base model or checkpoint on a corpus (completion)."""
+    from lmlab import evaluate
+
+    if args.task == "summarization":
+        from lmlab.io import read_texts, write_json
+
+        if not args.predictions or not args.references:
+            raise LmlabError("--task summarization needs --predictions FILE and --references FILE")
+        result = evaluate.rouge(read_texts(args.predictions), read_texts(args.references, field="summary"))
+        if args.output:
+            write_json(args.output, result)
+        print(json.dumps({k: v for k, v in result.items() if k != "examples"}) if args.json
+              else evaluate.format_rouge(result))
+        return 0
+    from lmlab.models import load_model
+    from lmlab.sft import completion_items
+    from lmlab.train import load_checkpoint
+
+    data = sft_data(args)
+    if args.checkpoint:
+        model, tokenizer, _ = load_checkpoint(args.checkpoint, args.model)
+    else:
+        model, tokenizer = load_model(args.model or DEFAULT_MODEL)
+    result = evaluate.perplexity(model, tokenizer, completion_items(tokenizer, data)[1], args.batch_size)
+    print(json.dumps(result) if args.json else
+          f"validation loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} over {result['tokens']:,} tokens")
     return 0
 
 
@@ -171,6 +243,9 @@ def run_evaluate(args: argparse.Namespace):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lmlab.evaluate import format_report
+
+    if args.task != "classification":
+        return cmd_evaluate_generation_task(args)
 
     result, fmt, dataset = run_evaluate(args)
     if args.json:
@@ -247,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, local folder or hub id")
     add_method_args(p, rank=128, alpha=512.0, lora_dropout=0.05)
     add_task_args(p)
+    add_generation_task_args(p)
     g = p.add_argument_group("training")
     g.add_argument("--dropout", type=float, default=0.0, help="the base model's dropout (default 0.0)")
     g.add_argument("--lr", type=float, default=2.5e-4, help="peak learning rate (default 2.5e-4)")
@@ -278,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, default=3)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_generation_task_args(p)
+    p.add_argument("--predictions", default=None, help="summarization: generated summaries (.txt lines, .jsonl "
+                                                       "'text', .json list)")
+    p.add_argument("--references", default=None, help="summarization: reference summaries (.txt lines, .jsonl "
+                                                      "'summary', .json list)")
+    p.add_argument("--output", default=None, help="summarization: per-example ROUGE as JSON")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sweep", help="a grid of finetune runs, then one table (Markdown + CSV) and one plot")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # lmlab.models.DEFAULT_MODEL, without importing torch
 
@@ -13,7 +14,7 @@ def _number(kind, text: str, minimum: float | None, strict: bool, what: str):
         value = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value != value or (minimum is not None and (value <= minimum if strict else value < minimum)):
+    if math.isnan(value) or (minimum is not None and (value <= minimum if strict else value < minimum)):
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 

@@ -1,0 +1,79 @@
+"""``lmlab generate``: sample continuations from a base model or a fine-tuned checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from lmlab.cli._args import (
+    DEFAULT_MODEL,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    print_json,
+)
+from lmlab.errors import LmlabError
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lmlab.generate import SamplingConfig, sample
+    from lmlab.io import read_texts, write_jsonl, write_text
+    from lmlab.models import load_model
+    from lmlab.sft import summary_prompt
+    from lmlab.train import load_checkpoint
+
+    suffix = Path(args.output).suffix.lower()
+    if suffix not in (".jsonl", ".txt"):
+        raise LmlabError(f"--output must end in .jsonl or .txt, got {args.output!r}")
+    field = "post" if args.tldr else "prompt"
+    prompts = read_texts(args.prompts, field=field)
+    if args.tldr:
+        prompts = [summary_prompt(p) for p in prompts]
+    config = SamplingConfig(max_new_tokens=args.max_new_tokens, samples=args.samples, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+                            chat=args.chat)
+    if args.adapter:
+        model, tokenizer, _ = load_checkpoint(args.adapter, args.model)
+    else:
+        model, tokenizer = load_model(args.model or DEFAULT_MODEL)
+    t0 = time.perf_counter()
+    outputs = sample(model, tokenizer, prompts, config, progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    if args.first_line:
+        outputs = [[t.strip().split("\n")[0].strip() for t in texts] for texts in outputs]
+    if suffix == ".jsonl":
+        write_jsonl(args.output, [{"prompt": p, "sample": k, "text": t}
+                                  for p, texts in zip(prompts, outputs) for k, t in enumerate(texts)])
+    else:  # one line per sample (newlines escaped), prompt order: ready for evaluate --predictions
+        write_text(args.output, "".join(t.replace("\n", " ") + "\n" for texts in outputs for t in texts))
+    n = sum(map(len, outputs))
+    if args.json:
+        print_json({"texts": n, "seconds": seconds, "output": args.output})
+    else:
+        print(f"{n} texts ({len(prompts)} prompts x {args.samples}) in {seconds:.1f} s -> {args.output}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="sample continuations of prompts from a model or a finetune checkpoint")
+    p.add_argument("--model", default=None, help=f"base model (default: the checkpoint's, else {DEFAULT_MODEL})")
+    p.add_argument("--adapter", default=None, help="a folder finetune wrote (RUN, RUN/best or RUN/last)")
+    p.add_argument("--prompts", required=True,
+                   help="prompts: .txt (one per line), .json list, .jsonl with a 'prompt' field ('post' with --tldr)")
+    p.add_argument("--tldr", action="store_true",
+                   help="summarization: read the 'post' field and prompt with '<post>\\nTL;DR:' as finetune does")
+    p.add_argument("--output", required=True, help=".jsonl (prompt, sample, text) or .txt (one sample per line)")
+    p.add_argument("--samples", type=positive_int, default=1, help="continuations per prompt")
+    p.add_argument("--max-new-tokens", type=positive_int, default=100)
+    p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0 = greedy (1.0)")
+    p.add_argument("--top-k", type=nonnegative_int, default=0, help="0 = off (0)")
+    p.add_argument("--top-p", type=positive_float, default=1.0, help="1 = off (1.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch")
+    p.add_argument("--chat", action="store_true", help="send each prompt as a user turn of the chat template")
+    p.add_argument("--first-line", action="store_true", help="keep each sample's first line only (summaries)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)

@@ -1,0 +1,141 @@
+"""Supervised fine-tuning data for generation tasks: causal-LM completion and summarization.
+
+Both become the (prompt, completion) ``Encoded`` items the classification trainer already trains
+on, with the loss on the completion tokens only, so every method, checkpoint and resume works
+unchanged:
+
+* completion: a plain-text corpus cut into blocks of ``block_size`` tokens (nanoGPT's
+  tinyshakespeare set-up); the first token of a block is its "prompt", the rest its completion,
+  so the loss covers every token that has a predecessor in the block;
+* summarization: ``<post>\\nTL;DR:`` as the prompt and `` <summary><eos>`` as the completion
+  (Stiennon et al. 2020's TL;DR format); long posts are cut at the end, never the summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmlab.data import Encoded
+from lmlab.errors import LmlabError
+
+TASKS = ("classification", "completion", "summarization")
+TLDR = "\nTL;DR:"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SftData:
+    """Where the text comes from and how it is cut."""
+
+    source: str  # completion: a .txt file; summarization: a .jsonl file or a folder with train/validation .jsonl
+    val_fraction: float = 0.1  # the tail of the corpus / file that validates (split by position, no shuffle)
+    block_size: int = 128  # completion: tokens per training block
+    max_length: int = 256  # summarization: longest prompt + summary in tokens
+    post_column: str = "post"
+    summary_column: str = "summary"
+
+    def __post_init__(self):
+        if not 0 < self.val_fraction < 1:
+            raise LmlabError(f"val fraction must be in (0, 1), got {self.val_fraction}")
+        if self.block_size < 2:
+            raise LmlabError(f"block size must be at least 2, got {self.block_size}")
+
+
+def split_by_position(items: list, val_fraction: float) -> tuple[list, list]:
+    """The first (1 - val_fraction) for training, the rest for validation, as nanoGPT splits text."""
+    cut = int(len(items) * (1 - val_fraction))
+    return items[:cut], items[cut:]
+
+
+# --- completion ------------------------------------------------------------------------------
+
+
+def read_corpus(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise LmlabError(f"corpus {path}: no such file (completion needs a plain-text file)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LmlabError(f"corpus {path} is not UTF-8 text") from None
+    if not text.strip():
+        raise LmlabError(f"corpus {path} is empty")
+    return text
+
+
+def blocks(ids: list[int], block_size: int) -> list[Encoded]:
+    """Non-overlapping blocks of ``block_size`` tokens; a shorter tail is dropped unless it is all there is."""
+    starts = range(0, max(1, len(ids) - block_size + 1), block_size)
+    out = [Encoded(ids[s:s + 1], ids[s + 1:s + block_size], 0) for s in starts]
+    return [b for b in out if b.completion_ids]
+
+
+def completion_items(tokenizer, data: SftData) -> tuple[list[Encoded], list[Encoded]]:
+    """(train, validation) blocks of the corpus, split by position before cutting."""
+    ids = tokenizer(read_corpus(data.source), add_special_tokens=False)["input_ids"]
+    train, val = split_by_position(ids, data.val_fraction)
+    train_blocks, val_blocks = blocks(train, data.block_size), blocks(val, data.block_size)
+    if not train_blocks or not val_blocks:
+        raise LmlabError(f"corpus {data.source} has {len(ids)} tokens: too few for a training and a validation "
+                         f"block of {data.block_size}")
+    return train_blocks, val_blocks
+
+
+# --- summarization ---------------------------------------------------------------------------
+
+
+def read_pairs(data: SftData) -> tuple[list[dict], list[dict]]:
+    """(train, validation) rows with the post and summary columns, from one .jsonl (split by
+    position) or a folder with train.jsonl and validation.jsonl; every row is checked."""
+    from lmlab.data import _read_jsonl
+
+    source = Path(data.source)
+    if source.is_dir():
+        splits = tuple(_read_jsonl(source / f"{s}.jsonl") if (source / f"{s}.jsonl").exists() else None
+                       for s in ("train", "validation"))
+        if splits[0] is None or splits[1] is None:
+            raise LmlabError(f"{source} needs train.jsonl and validation.jsonl")
+        train, val = splits
+    elif source.is_file():
+        train, val = split_by_position(_read_jsonl(source), data.val_fraction)
+    else:
+        raise LmlabError(f"summarization data {source}: no such file or folder")
+    for name, rows in (("train", train), ("validation", val)):
+        if not rows:
+            raise LmlabError(f"summarization data {source}: the {name} split is empty")
+        for n, row in enumerate(rows, 1):
+            for column in (data.post_column, data.summary_column):
+                if not isinstance(row.get(column), str) or not row[column].strip():
+                    raise LmlabError(f"{source} ({name} row {n}): missing or empty {column!r}")
+    return train, val
+
+
+def summary_prompt(post: str) -> str:
+    return post.strip() + TLDR
+
+
+def summarization_items(tokenizer, rows: list[dict], data: SftData) -> list[Encoded]:
+    """Prompt ``<post>\\nTL;DR:``, completion `` <summary><eos>``; the post is cut at its end to fit."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    tail = tokenizer(TLDR, add_special_tokens=False)["input_ids"]
+    items = []
+    for row in rows:
+        summary = tokenizer(" " + row[data.summary_column].strip(), add_special_tokens=False)["input_ids"] + eos
+        post = tokenizer(row[data.post_column].strip())["input_ids"]  # with BOS if the tokenizer adds one
+        room = data.max_length - len(summary) - len(tail)
+        if room < 4:
+            raise LmlabError(f"a summary of {len(summary)} tokens leaves no room for its post in "
+                             f"--max-length {data.max_length}")
+        items.append(Encoded(post[:room] + tail, summary, 0))
+    return items
+
+
+def task_items(task: str, tokenizer, data: SftData) -> tuple[list[Encoded], list[Encoded]]:
+    """(train, validation) items of a generation task."""
+    if task == "completion":
+        return completion_items(tokenizer, data)
+    if task == "summarization":
+        train, val = read_pairs(data)
+        return summarization_items(tokenizer, train, data), summarization_items(tokenizer, val, data)
+    raise LmlabError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+
