@@ -83,11 +83,10 @@ class GreenLists:
 
     def batch_mask(self, previous: torch.Tensor, width: int) -> torch.Tensor:
         """(B, width) bool green masks for a batch of previous tokens; columns >= |V| are red."""
-        masks = torch.zeros(len(previous), width, dtype=torch.bool)
-        size = min(width, self.config.vocab_size)
-        for row, token in enumerate(previous.tolist()):
-            masks[row, :size] = self.mask(token)[:size]
-        return masks
+        masks = torch.stack([self.mask(token) for token in previous.tolist()])  # (B, |V|)
+        if width > self.config.vocab_size:
+            return torch.cat([masks, masks.new_zeros(len(masks), width - self.config.vocab_size)], dim=1)
+        return masks[:, :width]
 
 
 class RedListLogitsProcessor:
@@ -98,10 +97,10 @@ class RedListLogitsProcessor:
         self.lists = lists or GreenLists(config)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        red = ~self.lists.batch_mask(input_ids[:, -1], scores.shape[-1])  # (B, W)
+        green = self.lists.batch_mask(input_ids[:, -1], scores.shape[-1])  # (B, W)
         if self.hard:
-            return scores.masked_fill(red, float("-inf"))
-        return scores - self.config.delta * red.to(scores.dtype)
+            return scores.masked_fill(~green, float("-inf"))
+        return torch.where(green, scores, scores - self.config.delta)
 
 
 @dataclass(frozen=True)
