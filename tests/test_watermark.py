@@ -176,7 +176,7 @@ def test_classifier_tells_the_four_kinds_apart(generations, tokenizer):
 
 
 @pytest.mark.parametrize("text,reason", [("", "empty"), ("   \n", "empty"), ("a", "need at least 2"),
-                                         ("\x00", "need at least 2")])
+                                         ("\x00", "need at least 2"), ("ok \udcff ok", "not valid Unicode")])
 def test_undetermined_texts(tokenizer, text, reason):
     d = classify_text(text, tokenizer, GreenLists(RedListConfig(vocab_size=len(tokenizer))))
     assert d.code == 0 and reason in d.reason
@@ -255,3 +255,12 @@ def test_greenest_segmentation_recovers_the_sampled_ids(model, tokenizer):
     ids = greenest_ids(text, tokenizer, lists)
     assert tokenizer.decode(ids) == text
     assert detect_ids(ids, lists).green_fraction >= detect_ids(sampled, lists).green_fraction - 0.02
+
+
+def test_classify_never_overwrites_its_input(tiny_model_dir, tmp_path):
+    texts = tmp_path / "texts.json"
+    texts.write_text(json.dumps(["a first text to classify", "and a second one"]))
+    assert main(["watermark", "classify", "--input", str(texts), "--model", tiny_model_dir,
+                 "--output", str(tmp_path / "texts.npy"), "--no-progress"]) == 0
+    assert read_texts(texts) == ["a first text to classify", "and a second one"]
+    assert json.loads((tmp_path / "texts.scores.json").read_text())["counts"]["none"] == 2

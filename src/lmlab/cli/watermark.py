@@ -107,6 +107,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
                                ClassifyConfig(z_threshold=args.z_threshold, hard_fraction=args.hard_fraction),
                                progress=not args.no_progress)
     report = args.report or str(Path(args.output).with_suffix(".json"))
+    if Path(report).resolve() == Path(args.input).resolve():  # texts.json -> texts.npy: keep the input
+        report = args.report or str(Path(args.output).with_suffix(".scores.json"))
+    if Path(report).resolve() == Path(args.input).resolve():
+        raise LmlabError(f"--report {report} would overwrite the input")
     counts = {name: sum(d.code == code for d in decisions) for code, name in NAMES.items()}
     write_json(report, {"codes": NAMES, "counts": counts, "texts": [d.to_dict() for d in decisions]})
     save_npy(args.output, [d.code for d in decisions])
@@ -155,8 +159,8 @@ def register(sub) -> None:
         _redlist_args(d)
         if name == "classify":
             d.add_argument("--output", required=True, help="guesses as an .npy of ints")
-            d.add_argument("--report", default=None, help="JSON with the scores behind each guess "
-                                                          "(default: the output with .json)")
+            d.add_argument("--report", default=None, help="JSON with the scores behind each guess (default: "
+                                                          "the output with .json, or .scores.json if that is the input)")
             d.add_argument("--hard-fraction", type=positive_float, default=0.9,
                            help="green share above which watermarked text is hard (0.9)")
             d.add_argument("--no-progress", action="store_true")

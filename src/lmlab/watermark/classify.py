@@ -62,6 +62,10 @@ def classify_text(text: str, tokenizer, lists: GreenLists, config: ClassifyConfi
     """One text's watermark, following the module docstring's three steps."""
     if not text.strip():
         return Decision(0, "empty text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return Decision(0, f"not valid Unicode text ({exc.reason} at character {exc.start})")
     letters = sum(ch.isalpha() for ch in text)
     e_count = sum(text.count(letter) for letter in BANNED_LETTERS)
     ids = text_ids(tokenizer, text)
