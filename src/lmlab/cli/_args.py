@@ -52,3 +52,26 @@ def nonnegative_float(text: str) -> float:
 def print_json(obj) -> None:
     """One JSON object on one line of stdout (what ``--json`` promises)."""
     print(json.dumps(obj))
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Options of ``lmlab.generate.SamplingConfig`` (generate, watermark generate)."""
+    g = p.add_argument_group("sampling (defaults: plain sampling from the model's distribution)")
+    g.add_argument("--samples", type=positive_int, default=1, help="continuations per prompt")
+    g.add_argument("--max-new-tokens", type=positive_int, default=100)
+    g.add_argument("--min-new-tokens", type=nonnegative_int, default=0,
+                   help="ban the end-of-text token until this many new tokens (0)")
+    g.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0 = greedy (1.0)")
+    g.add_argument("--top-k", type=nonnegative_int, default=0, help="0 = off (0)")
+    g.add_argument("--top-p", type=positive_float, default=1.0, help="1 = off (1.0)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch")
+    g.add_argument("--chat", action="store_true", help="send each prompt as a user turn of the chat template")
+
+
+def sampling_config(args: argparse.Namespace):
+    from lmlab.generate import SamplingConfig
+
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                          samples=args.samples, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed, batch_size=args.batch_size, chat=args.chat)

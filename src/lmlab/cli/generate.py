@@ -8,17 +8,15 @@ from pathlib import Path
 
 from lmlab.cli._args import (
     DEFAULT_MODEL,
-    nonnegative_float,
-    nonnegative_int,
-    positive_float,
-    positive_int,
+    add_sampling_args,
     print_json,
+    sampling_config,
 )
 from lmlab.errors import LmlabError
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmlab.generate import SamplingConfig, sample
+    from lmlab.generate import sample
     from lmlab.io import read_texts, write_jsonl, write_text
     from lmlab.models import load_model
     from lmlab.sft import summary_prompt
@@ -31,9 +29,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = read_texts(args.prompts, field=field)
     if args.tldr:
         prompts = [summary_prompt(p) for p in prompts]
-    config = SamplingConfig(max_new_tokens=args.max_new_tokens, samples=args.samples, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-                            chat=args.chat)
+    config = sampling_config(args)
     if args.adapter:
         model, tokenizer, _ = load_checkpoint(args.adapter, args.model)
     else:
@@ -65,14 +61,7 @@ def register(sub) -> None:
     p.add_argument("--tldr", action="store_true",
                    help="summarization: read the 'post' field and prompt with '<post>\\nTL;DR:' as finetune does")
     p.add_argument("--output", required=True, help=".jsonl (prompt, sample, text) or .txt (one sample per line)")
-    p.add_argument("--samples", type=positive_int, default=1, help="continuations per prompt")
-    p.add_argument("--max-new-tokens", type=positive_int, default=100)
-    p.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0 = greedy (1.0)")
-    p.add_argument("--top-k", type=nonnegative_int, default=0, help="0 = off (0)")
-    p.add_argument("--top-p", type=positive_float, default=1.0, help="1 = off (1.0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch")
-    p.add_argument("--chat", action="store_true", help="send each prompt as a user turn of the chat template")
+    add_sampling_args(p)
     p.add_argument("--first-line", action="store_true", help="keep each sample's first line only (summaries)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from lmlab.cli._args import (
     DEFAULT_MODEL,
+    add_sampling_args,
     nonnegative_float,
     nonnegative_int,
     positive_float,
-    positive_int,
     print_json,
+    sampling_config,
 )
 from lmlab.errors import LmlabError
 
@@ -34,7 +35,7 @@ def _redlist(args, tokenizer):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmlab.generate import SamplingConfig, sample
+    from lmlab.generate import sample
     from lmlab.io import read_texts, save_npy, write_jsonl
     from lmlab.models import load_model
     from lmlab.watermark import make_processor
@@ -43,9 +44,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if suffix not in (".jsonl", ".npy"):
         raise LmlabError(f"--output must end in .jsonl or .npy, got {args.output!r}")
     prompts = read_texts(args.prompts, field="prompt")
-    config = SamplingConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                            samples=args.samples, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed, batch_size=args.batch_size, chat=args.chat)
+    config = sampling_config(args)
     model, tokenizer = load_model(args.model)
     processor = make_processor(args.scheme, tokenizer, _redlist(args, tokenizer))
     t0 = time.perf_counter()
@@ -132,16 +131,7 @@ def register(sub) -> None:
                    help="prompts: .txt (one per line), .json list, .jsonl with a 'prompt' field, or .npy")
     g.add_argument("--output", required=True, help=".jsonl (prompt, sample, scheme, text) or .npy of strings")
     g.add_argument("--model", default=DEFAULT_MODEL)
-    g.add_argument("--max-new-tokens", type=positive_int, default=100)
-    g.add_argument("--min-new-tokens", type=nonnegative_int, default=0,
-                   help="ban the end-of-text token until this many new tokens (0)")
-    g.add_argument("--samples", type=positive_int, default=1, help="continuations per prompt")
-    g.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0 = greedy (1.0)")
-    g.add_argument("--top-k", type=nonnegative_int, default=0, help="0 = off (0)")
-    g.add_argument("--top-p", type=positive_float, default=1.0, help="1 = off (1.0)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch")
-    g.add_argument("--chat", action="store_true", help="send each prompt as a user turn of the chat template")
+    add_sampling_args(g)
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--json", action="store_true")
     _redlist_args(g)
