@@ -56,6 +56,13 @@ def method_config(args: argparse.Namespace):
 def cmd_params(args: argparse.Namespace) -> int:
     from lmlab.calc.params import report
 
+    if args.mlp:
+        from lmlab.calc.mlp import mlp_counts, parse_widths
+
+        r = mlp_counts(parse_widths(args.mlp), args.method, args.bottleneck)
+        print(json.dumps(r) if args.json else f"MLP {args.mlp}, {args.method}: {r['trainable']:,} of {r['total']:,} "
+              f"parameters train ({r['percent']:.4f} %)")
+        return 0
     r = report(args.model, args.method, method_config(args))
     if args.json:
         print(json.dumps(r))
@@ -314,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, smollm2-135m, tiny-*), folder or hub id")
     add_method_args(p)
+    p.add_argument("--mlp", default=None, help="count a plain MLP of these comma-separated layer widths instead "
+                                              "(methods full, bitfit, adapter with --bottleneck)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_params)
 
@@ -392,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lmlab ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

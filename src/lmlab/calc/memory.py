@@ -1,0 +1,122 @@
+"""Storage for K task-adapted copies of one model (Hu et al. 2021, LoRA, §4.2 and §7).
+
+Full fine-tuning stores a whole model per task; fine-tuning only some weight matrices stores
+those; LoRA of rank r stores r·(d_in + d_out) numbers per adapted matrix. The shared base can be
+counted once or left out. GPT-3 175B with r = 4 on W_q and W_v: 2 · 96 · 4 · (12288 + 12288) =
+18,874,368 parameters, 37.7 MB in fp16 against 350 GB per fully fine-tuned copy.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from lmlab.errors import LmlabError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    """What the calculator needs of a transformer: width, depth, feed-forward width, parameters."""
+
+    d_model: int
+    layers: int
+    params: float  # total parameters (all of them, embeddings included)
+    d_ff: int | None = None  # default 4 d_model
+    bytes_per_param: float = 2.0  # fp16 / bf16 checkpoints
+
+    @property
+    def ff(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    def matrix_shape(self, name: str) -> tuple[int, int]:
+        """(d_in, d_out) of one weight matrix per layer: q, k, v, o (attention) or fc1, fc2 (MLP)."""
+        if name in ("q", "k", "v", "o"):
+            return self.d_model, self.d_model
+        if name == "fc1":
+            return self.d_model, self.ff
+        if name == "fc2":
+            return self.ff, self.d_model
+        raise LmlabError(f"unknown matrix {name!r}; choose from q, k, v, o, fc1, fc2")
+
+
+PRESETS = {
+    "gpt3-175b": ModelShape(d_model=12288, layers=96, params=175e9),
+    "gpt2": ModelShape(d_model=768, layers=12, params=124_439_808, bytes_per_param=4.0),
+    "gpt2-medium": ModelShape(d_model=1024, layers=24, params=354_823_168, bytes_per_param=4.0),
+    "gpt2-large": ModelShape(d_model=1280, layers=36, params=774_030_080, bytes_per_param=4.0),
+    "gpt2-xl": ModelShape(d_model=1600, layers=48, params=1_557_611_200, bytes_per_param=4.0),
+    "smollm2-135m": ModelShape(d_model=576, layers=30, params=134_515_008, d_ff=1536, bytes_per_param=4.0),
+    "llama-7b": ModelShape(d_model=4096, layers=32, params=6.74e9, d_ff=11008),
+}
+
+
+def parse_matrices(text: str) -> tuple[str, ...]:
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not names:
+        raise LmlabError("--matrices needs at least one of q, k, v, o, fc1, fc2")
+    return names
+
+
+def matrix_params(shape: ModelShape, matrices: tuple[str, ...]) -> int:
+    """Weights of the chosen matrices over all layers (fine-tuning only those)."""
+    return shape.layers * sum(a * b for a, b in map(shape.matrix_shape, matrices))
+
+
+def lora_params(shape: ModelShape, matrices: tuple[str, ...], rank: int) -> int:
+    """LoRA's A and B for the chosen matrices over all layers: r (d_in + d_out) each."""
+    if rank <= 0:
+        raise LmlabError(f"rank must be positive, got {rank}")
+    return shape.layers * sum(rank * (a + b) for a, b in map(shape.matrix_shape, matrices))
+
+
+def storage(shape: ModelShape, tasks: int, matrices: tuple[str, ...], rank: int) -> dict:
+    """Bytes for ``tasks`` adapted copies under each strategy, with the shared base and without it."""
+    if tasks <= 0:
+        raise LmlabError(f"tasks must be positive, got {tasks}")
+    bpp, base = shape.bytes_per_param, shape.params * shape.bytes_per_param
+    per_task = {"full": shape.params * bpp, "matrices": matrix_params(shape, matrices) * bpp,
+                "lora": lora_params(shape, matrices, rank) * bpp}
+    return {
+        "tasks": tasks, "bytes_per_param": bpp, "base_bytes": base, "matrices": list(matrices), "rank": rank,
+        "per_task_params": {"full": shape.params, "matrices": matrix_params(shape, matrices),
+                            "lora": lora_params(shape, matrices, rank)},
+        "per_task_bytes": per_task,
+        # full fine-tuning keeps no shared base: every task is a whole model
+        "total_bytes": {"full": tasks * per_task["full"], "matrices": base + tasks * per_task["matrices"],
+                        "lora": base + tasks * per_task["lora"]},
+        "total_bytes_without_base": {k: tasks * v for k, v in per_task.items()},
+    }
+
+
+def rank_for_budget(shape: ModelShape, tasks: int, matrices: tuple[str, ...], budget: float,
+                    include_base: bool = True) -> int:
+    """The largest LoRA rank whose ``tasks`` adapters (plus the base, if included) fit ``budget`` bytes."""
+    room = budget - (shape.params * shape.bytes_per_param if include_base else 0)
+    per_rank = tasks * lora_params(shape, matrices, 1) * shape.bytes_per_param
+    rank = int(room // per_rank) if room > 0 else 0
+    if rank < 1:
+        need = (shape.params * shape.bytes_per_param if include_base else 0) + per_rank
+        raise LmlabError(f"a budget of {human_bytes(budget)} does not fit even rank 1 ({human_bytes(need)} needed)")
+    return rank
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "pb": 1e15,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> float:
+    """'350GB', '1.5 TiB', '4e9' -> bytes (decimal kB/MB/GB/TB, binary KiB/MiB/GiB/TiB)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if not match or match.group(2) not in _UNITS:
+        raise LmlabError(f"not a size in bytes: {text!r} (e.g. 350GB, 1.5TiB, 4e9)")
+    value = float(match.group(1)) * _UNITS[match.group(2)]
+    if value <= 0:
+        raise LmlabError(f"a size must be positive, got {text!r}")
+    return value
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
