@@ -46,12 +46,12 @@ def main() -> None:
     text = Path(args.corpus).read_text(encoding="utf-8")
     rows = []
     for vocab_size in map(int, args.vocab_sizes.split(",")):
-        t_ours, ours = best_of(args.runs, lambda: train(text, vocab_size))
-        t_hf, hf = best_of(args.runs, lambda: hf_train(text, vocab_size))
+        t_ours, ours = best_of(args.runs, lambda v=vocab_size: train(text, v))
+        t_hf, hf = best_of(args.runs, lambda v=vocab_size: hf_train(text, v))
         same = [(to_text(a), to_text(b)) for a, b in ours.merges] == [tuple(m) for m in
                                                                      json.loads(hf.to_str())["model"]["merges"]]
-        e_ours, ids = best_of(args.runs, lambda: (ours._cache.clear(), ours.encode(text))[1])
-        e_hf, enc = best_of(args.runs, lambda: hf.encode(text))
+        e_ours, ids = best_of(args.runs, lambda t=ours: (t._cache.clear(), t.encode(text))[1])
+        e_hf, enc = best_of(args.runs, lambda t=hf: t.encode(text))
         rows.append({"vocab_size": vocab_size, "same_merges": same, "same_ids": ids == enc.ids,
                      "train_s": {"lmlab": t_ours, "tokenizers": t_hf}, "encode_s": {"lmlab": e_ours, "tokenizers": e_hf},
                      "tokens": len(ids)})

@@ -45,8 +45,8 @@ def test_toml_grid(tmp_path):
 
 def test_tiny_sweep_end_to_end_and_skip_on_rerun(tiny_model_dir, small_dataset, tmp_path, capsys):
     argv = ["sweep", "--run", "method=lora rank=2,4 alpha=2r", "--out-dir", str(tmp_path),
-            "--common", f"model={tiny_model_dir} dataset={small_dataset} max_iters=2 eval_interval=1 "
-                        "batch_size=8 no_progress=true", "--eval-limit", "8", "--json"]
+            "--common", (f"model={tiny_model_dir} dataset={small_dataset} max_iters=2 eval_interval=1 "
+                        "batch_size=8 no_progress=true"), "--eval-limit", "8", "--json"]
     assert main(argv) == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["run"] for r in rows] == ["lora-r2-a4", "lora-r4-a8"]

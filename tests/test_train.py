@@ -105,7 +105,7 @@ def test_accelerate_launch_two_processes(tiny_model_dir, small_dataset, tmp_path
            "--dynamo_backend", "no", "-m", "lmlab.cli", "finetune", "--model", tiny_model_dir,
            "--dataset", small_dataset, "--out-dir", str(out), "--max-iters", "2", "--eval-interval", "2",
            "--batch-size", "4", "--rank", "4", "--no-progress", "--json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (out / "last" / "adapter_model.safetensors").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

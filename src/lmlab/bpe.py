@@ -18,6 +18,7 @@ per merge) and ``tokenizer.json``, which the Hugging Face ``tokenizers`` library
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -79,7 +80,7 @@ class Tokenizer:
             return cached
         parts = [bytes([b]) for b in word.encode("utf-8")]
         while len(parts) > 1:
-            ranked = [(self._ranks.get((a, b), len(self._ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            ranked = [(self._ranks.get((a, b), len(self._ranks)), i) for i, (a, b) in enumerate(itertools.pairwise(parts))]
             rank, _ = min(ranked)
             if rank == len(self._ranks):
                 break
@@ -154,7 +155,7 @@ def train(text: str, vocab_size: int, progress: bool = False) -> Tokenizer:
     pair_counts: dict[tuple[bytes, bytes], int] = defaultdict(int)
     where: dict[tuple[bytes, bytes], set[int]] = defaultdict(set)
     for wi, word in enumerate(words):
-        for pair in zip(word, word[1:]):
+        for pair in itertools.pairwise(word):
             pair_counts[pair] += freqs[wi]
             where[pair].add(wi)
     # Ties go to the pair of smaller token ids, as in the Hugging Face trainer: the 256 bytes are
@@ -180,7 +181,7 @@ def train(text: str, vocab_size: int, progress: bool = False) -> Tokenizer:
             touched: set[tuple[bytes, bytes]] = set()
             for wi in where.pop(pair):
                 word, f = words[wi], freqs[wi]
-                for old in zip(word, word[1:]):
+                for old in itertools.pairwise(word):
                     pair_counts[old] -= f
                     touched.add(old)
                 merged, i = [], 0
@@ -192,7 +193,7 @@ def train(text: str, vocab_size: int, progress: bool = False) -> Tokenizer:
                         merged.append(word[i])
                         i += 1
                 words[wi] = merged
-                for new in zip(merged, merged[1:]):
+                for new in itertools.pairwise(merged):
                     pair_counts[new] += f
                     where[new].add(wi)
                     touched.add(new)

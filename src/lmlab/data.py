@@ -115,7 +115,7 @@ def _read_hub(name: str, split: str) -> list[dict]:
 
     try:
         return list(datasets.load_dataset(name, split=split))
-    except Exception as exc:  # datasets raises many types for "not found" / offline
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for "not found" / offline
         reason = " ".join(str(exc).split())[:200]
         raise LmlabError(
             f"dataset {name!r}: not a local folder and not loadable from the hub ({reason})"
