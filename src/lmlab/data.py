@@ -110,11 +110,11 @@ def _read_csv(path: Path, encoding: str = "utf-8") -> list[dict]:
         raise LmlabError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
-def _read_hub(name: str, split: str) -> list[dict]:
+def _read_hub(name: str, split: str, config: str | None = None) -> list[dict]:
     import datasets
 
     try:
-        return list(datasets.load_dataset(name, split=split))
+        return list(datasets.load_dataset(name, config, split=split))
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for "not found" / offline
         reason = " ".join(str(exc).split())[:200]
         raise LmlabError(

@@ -29,6 +29,7 @@ class SamplingConfig:
     seed: int = 0
     batch_size: int = 8  # prompts per batch; each brings ``samples`` rows
     chat: bool = False  # wrap each prompt in the tokenizer's chat template as a user turn
+    stop_strings: tuple[str, ...] = ()  # a row stops once its new text contains one of these
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.samples < 1 or self.batch_size < 1:
@@ -49,9 +50,10 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-def sample(model, tokenizer, prompts: list[str], config: SamplingConfig, *, logits_processors=(),
+def sample(model, tokenizer, prompts: list[str] | list[list[int]], config: SamplingConfig, *, logits_processors=(),
            progress: bool = True) -> list[list[str]]:
     """``config.samples`` decoded continuations (new tokens only) per prompt, in prompt order.
+    A prompt is a string or a list of token ids (taken as is). Encoder-decoder models (T5) work too.
 
     Prompts are sorted by length and left-padded in batches; the global RNG is forked, seeded and
     restored, so the same seed gives the same texts and the caller's random state is untouched.
@@ -63,11 +65,12 @@ def sample(model, tokenizer, prompts: list[str], config: SamplingConfig, *, logi
 
     if not prompts:
         raise LmlabError("no prompts")
-    encoded = [prompt_ids(tokenizer, p, config.chat) for p in prompts]
+    encoded = [p if isinstance(p, list) else prompt_ids(tokenizer, p, config.chat) for p in prompts]
     if any(not ids for ids in encoded):
         raise LmlabError("a prompt is empty after tokenisation (the model needs at least one token to continue)")
+    decoder_only = not getattr(model.config, "is_encoder_decoder", False)
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit and max(map(len, encoded)) + config.max_new_tokens > limit:
+    if limit and decoder_only and max(map(len, encoded)) + config.max_new_tokens > limit:
         raise LmlabError(f"a prompt of {max(map(len, encoded))} tokens + {config.max_new_tokens} new tokens "
                          f"exceeds the model's context of {limit}")
     pad = _pad_id(tokenizer)
@@ -77,6 +80,8 @@ def sample(model, tokenizer, prompts: list[str], config: SamplingConfig, *, logi
                    "logits_processor": LogitsProcessorList(logits_processors)}
     if not greedy:
         options.update(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
+    if config.stop_strings:
+        options.update(stop_strings=list(config.stop_strings), tokenizer=tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs: list[list[str]] = [[] for _ in prompts]
     with torch.random.fork_rng(devices=[]), _inference(model), \
@@ -89,7 +94,7 @@ def sample(model, tokenizer, prompts: list[str], config: SamplingConfig, *, logi
             ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx])  # (B, T)
             mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx])
             out = model.generate(input_ids=ids, attention_mask=mask, **options)  # (B * samples, T + new)
-            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            texts = tokenizer.batch_decode(out[:, width:] if decoder_only else out, skip_special_tokens=True)
             for row, i in enumerate(idx):
                 outputs[i] = texts[row * config.samples:(row + 1) * config.samples]
             bar.update(len(idx) * config.samples)

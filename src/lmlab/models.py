@@ -281,16 +281,24 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, trust_remote_co
     """Load ``(model, tokenizer)`` in fp32 (bf16 is ~400x slower on these CPUs).
 
     ``name_or_path``: an embedded name (``smollm2-135m-instruct``), a local folder or a hub id.
-    The tokenizer always has a pad token (the EOS token when the model defines none).
+    Encoder-decoder checkpoints (T5, Flan-T5) load as ``AutoModelForSeq2SeqLM``. The tokenizer
+    always has a pad token (the EOS token when the model defines none).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+    )
 
     source = resolve(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         with _quiet_weight_loading():
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto.from_pretrained(
                 source, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
             )
     except (OSError, ValueError) as exc:
