@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from lmlab.cli._args import DEFAULT_MODEL, nonnegative_int, positive_int, print_json
 from lmlab.errors import LmlabError
@@ -10,64 +11,84 @@ from lmlab.errors import LmlabError
 DEFAULT_DATASET = "gsm8k"
 
 
+def _strategies(text: str) -> list[str]:
+    from lmlab.prompting import STRATEGIES
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STRATEGIES]
+    if unknown or not names:
+        raise LmlabError(f"unknown strategy {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"choose from {', '.join(STRATEGIES)}")
+    return list(dict.fromkeys(names))
+
+
 def cmd_prompt(args: argparse.Namespace) -> int:
     from lmlab.data import subsample
     from lmlab.io import write_jsonl
     from lmlab.models import load_model
     from lmlab.prompting import (
-        STRATEGIES,
         PromptConfig,
+        exemplars,
         format_table,
         load_problems,
         run_strategy,
     )
 
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown or not strategies:
-        raise LmlabError(f"unknown strategy {', '.join(unknown) or '(none)'}; choose from {', '.join(STRATEGIES)}")
+    strategies = _strategies(args.strategies)
     test = subsample(load_problems(args.dataset, args.split), args.limit)
-    needs_train = any(s in ("few-shot", "cot") for s in strategies)
+    needs_train = any(PromptConfig(strategy=s).uses_exemplars for s in strategies)
     train = load_problems(args.dataset, "train") if needs_train else []
+    if needs_train:
+        exemplars(train, args.shots, args.seed)  # too few training problems: fail before loading the model
     model, tokenizer = load_model(args.model)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if args.chat_template == "on" and not has_template:
         raise LmlabError(f"{args.model} has no chat template; use --chat-template auto or off")
-    chat = args.chat_template == "on" or (args.chat_template == "auto" and has_template
-                                          and not getattr(model.config, "is_encoder_decoder", False))
+    seq2seq = getattr(model.config, "is_encoder_decoder", False)
+    chat = args.chat_template == "on" or (args.chat_template == "auto" and has_template and not seq2seq)
     results = []
-    for strategy in strategies:
+    for n, strategy in enumerate(strategies, 1):
+        if not args.no_progress:
+            print(f"lmlab: [{n}/{len(strategies)}] {strategy}", file=sys.stderr, flush=True)
         config = PromptConfig(strategy=strategy, shots=args.shots, seed=args.seed, chat=chat)
         results.append(run_strategy(model, tokenizer, test, train, config, max_new_tokens=args.max_new_tokens,
                                     batch_size=args.batch_size, progress=not args.no_progress))
     if args.output:
         write_jsonl(args.output, [r for result in results for r in result.records])
     summary = {"model": args.model, "dataset": args.dataset, "split": args.split, "n": len(test), "chat": chat,
-               "shots": args.shots, "results": [r.summary() for r in results]}
+               "shots": args.shots, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+               "results": [r.summary() for r in results], "output": args.output}
     if args.json:
         print_json(summary)
     else:
-        print(f"{args.model} on {args.dataset}/{args.split}, {len(test)} problems, chat template {'on' if chat else 'off'}")
+        print(f"{args.model} on {args.dataset} ({args.split}, {len(test)} problems), greedy, "
+              f"chat template {'on' if chat else 'off'}, {args.shots} exemplars for few-shot/cot")
         print(format_table(results))
+        if args.output:
+            print(f"generations: {args.output}")
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("prompt", help="zero-shot, instruction, few-shot, chain-of-thought and zero-shot CoT "
-                                      "prompting on math word problems")
+                                      "prompting on math word problems (GSM8K)",
+                       description="Accuracy of prompting strategies on GSM8K-style problems, greedy decoding; "
+                                   "the answer is read after '####', '\\boxed{', 'The answer is', else as the "
+                                   "last number (unparseable counts as wrong).")
     p.add_argument("--model", default=DEFAULT_MODEL, help="causal LM or seq2seq (T5) model")
-    p.add_argument("--dataset", default=DEFAULT_DATASET, help="hub name (gsm8k) or a folder with train/test .jsonl "
-                                                              "of {question, answer ending '#### n'}")
-    p.add_argument("--split", default="test")
-    p.add_argument("--strategies", default="zero-shot,instruction,few-shot,cot,zero-shot-cot")
+    p.add_argument("--dataset", default=DEFAULT_DATASET,
+                   help="hub name (gsm8k) or a folder with train/test .jsonl of {question, answer ending '#### n'}")
+    p.add_argument("--split", default="test", help="split to score (test)")
+    p.add_argument("--strategies", default="zero-shot,instruction,few-shot,cot,zero-shot-cot",
+                   help="comma-separated (all five)")
     p.add_argument("--shots", type=nonnegative_int, default=8, help="exemplars for few-shot and cot (8)")
+    p.add_argument("--seed", type=int, default=0, help="which exemplars are drawn from train (0)")
     p.add_argument("--limit", type=positive_int, default=None, help="N problems drawn with a fixed seed")
-    p.add_argument("--seed", type=int, default=0, help="which exemplars")
     p.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"],
-                   help="wrap prompts in the tokenizer's chat template (auto: when it has one)")
+                   help="use the tokenizer's chat template (auto: when it has one and the model is not seq2seq)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--output", default=None, help="every prompt and generation as .jsonl")
+    p.add_argument("--output", default=None, help="every prompt, generation and extracted answer as .jsonl")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_prompt)
