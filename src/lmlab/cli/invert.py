@@ -1,0 +1,59 @@
+"""``lmlab invert``: recover short texts from their embeddings (``lmlab.invert``)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+
+from lmlab.cli._args import positive_float, positive_int, print_json
+from lmlab.errors import LmlabError
+
+
+def cmd_invert(args: argparse.Namespace) -> int:
+    from lmlab.invert import (
+        InvertConfig,
+        check_dimension,
+        invert,
+        load_encoder,
+        load_targets,
+    )
+    from lmlab.io import write_json, write_text
+
+    report = args.report or str(Path(args.output).with_suffix(".json"))
+    if Path(report).resolve() == Path(args.output).resolve():
+        raise LmlabError(f"--output {args.output} would be overwritten by the JSON report: give --report FILE")
+    config = InvertConfig(max_words=args.max_words, beam=args.beam, time_budget=args.time_budget, seed=args.seed)
+    targets = load_targets(args.embeddings)  # every check before any work or output: the file first,
+    encoder = load_encoder(args.encoder)  # then the encoder (seconds),
+    check_dimension(targets, encoder.dim, args.embeddings)  # then the two against each other
+    guesses = invert(targets, encoder, config, progress=not args.no_progress)
+    rows = [{"row": i, "guess": g.text, "cosine": g.cosine, "seconds": g.seconds,
+             "runners_up": [{"text": t, "cosine": c} for t, c in g.runners_up]} for i, g in enumerate(guesses)]
+    write_json(report, {"encoder": args.encoder, "config": asdict(config), "guesses": rows})
+    write_text(args.output, "".join(g.text + "\n" for g in guesses))
+    summary = {"targets": len(guesses), "mean_cosine": sum(g.cosine for g in guesses) / len(guesses),
+               "min_cosine": min(g.cosine for g in guesses), "output": args.output, "report": report}
+    if args.json:
+        print_json(summary)
+    else:
+        for row in rows:
+            print(f"{row['row']:>4}  {row['cosine']:.4f}  {row['guess']}")
+        print(f"mean cosine {summary['mean_cosine']:.4f}, min {summary['min_cosine']:.4f} -> {args.output} ({report})")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("invert", help="recover short texts from their embeddings (safety-filter inversion)")
+    p.add_argument("--embeddings", required=True, help=".npy, .pt or .safetensors, one embedding per row")
+    p.add_argument("--encoder", default="minilm", help="minilm (all-MiniLM-L6-v2, embedded), a sentence-transformers "
+                                                       "folder, or a CLIP text-encoder folder")
+    p.add_argument("--output", required=True, help="guesses, one line per row")
+    p.add_argument("--report", default=None, help="JSON with cosines and runner-up guesses (default: output .json)")
+    p.add_argument("--time-budget", type=positive_float, default=60.0, help="seconds per target (60)")
+    p.add_argument("--max-words", type=positive_int, default=8)
+    p.add_argument("--beam", type=positive_int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_invert)

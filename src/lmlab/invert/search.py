@@ -1,0 +1,271 @@
+"""The search: a cached candidate vocabulary, beam search over phrases, HotFlip proposals."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lmlab.errors import LmlabError
+from lmlab.invert.encoders import TextEncoder, pool
+
+FUNCTION_WORDS = ("a", "an", "the", "of", "in", "on", "at", "with", "and", "or", "for", "to", "from", "by", "is",
+                  "are", "his", "her", "their", "my", "its", "this", "that", "some", "two", "three", "one", "no",
+                  "not", "under", "over", "near", "inside", "next")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InvertConfig:
+    """The search. Deterministic for a given ``seed`` when the time budget is not what stops it."""
+
+    max_words: int = 8
+    beam: int = 8
+    pool: int = 48  # words per slot that the proxy ranks best, over the whole vocabulary
+    proposals: int = 192  # proxy-ranked proposals encoded for real per step (doubling while stuck)
+    flips: int = 8  # HotFlip candidates per slot (8x as many for a word start before a "##" ending)
+    flip_beams: int = 3  # the best beam phrases that get HotFlip proposals and word moves
+    time_budget: float = 60.0  # seconds per target
+    patience: int = 4  # steps without improvement before stopping (each one doubles the proposals)
+    seed: int = 0  # breaks ties among equal proxy scores
+    runners_up: int = 4
+
+    def __post_init__(self):
+        if min(self.max_words, self.beam, self.pool, self.proposals, self.flips, self.flip_beams) < 1:
+            raise LmlabError("max_words, beam, pool, proposals, flips and flip_beams must be positive")
+        if self.time_budget <= 0:
+            raise LmlabError(f"time budget must be positive, got {self.time_budget}")
+
+
+
+# --- the vocabulary and its cached embeddings ------------------------------------------------
+
+
+def candidate_words(tokenizer, limit: int = 50000) -> list[str]:
+    """Whole lower-case alphabetic words among the tokenizer's tokens (BERT "##", GPT-2 "Ġ",
+    SentencePiece "▁" and CLIP "</w>" styles), the ``limit`` first by token id (BPE: most frequent)."""
+    vocab = tokenizer.get_vocab()
+    clip_style = any(t.endswith("</w>") for t in vocab)  # there, a token without "</w>" begins a longer word
+    words: dict[str, None] = {}
+    for token, _ in sorted(vocab.items(), key=lambda item: item[1]):
+        if token.startswith(("##", "[", "<")) or (clip_style and not token.endswith("</w>")):
+            continue
+        word = token.removeprefix("Ġ").removeprefix("▁").removesuffix("</w>")
+        if word.isalpha() and word.isascii() and word.islower() and (len(word) > 1 or word in ("a", "i")):
+            words[word] = None
+    return sorted(list(words)[:limit])
+
+
+def vocabulary(encoder: TextEncoder, progress: bool = True) -> tuple[list[str], torch.Tensor]:
+    """The candidate words and their embeddings, from the cache when this encoder's were made before."""
+    from lmlab.io import load_tensors, save_tensors
+    from lmlab.models import cache_dir
+
+    words = candidate_words(encoder.tokenizer)
+    if not words:
+        raise LmlabError(f"encoder {encoder.source}: its tokenizer has no whole-word tokens to search with")
+    state = encoder.model.state_dict()
+    probe = torch.cat([t.flatten()[:64].float() for t in list(state.values())[:8]])
+    key = hashlib.sha256(("\n".join(words) + encoder.kind + encoder.pooling).encode() + probe.numpy().tobytes())
+    path = cache_dir() / "invert" / f"{key.hexdigest()[:20]}.safetensors"
+    if path.exists():
+        return words, load_tensors(path)["embeddings"]
+    from tqdm.auto import tqdm
+
+    chunks = []
+    for start in tqdm(range(0, len(words), 1024), disable=not progress, desc="encoding vocabulary", unit="k words"):
+        chunks.append(encoder.encode(words[start:start + 1024]))
+    embeddings = torch.cat(chunks)
+    save_tensors(path, {"embeddings": embeddings})
+    return words, embeddings
+
+# --- the search ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Guess:
+    text: str
+    cosine: float
+    runners_up: list[tuple[str, float]]
+    seconds: float
+
+
+def phrase_text(phrase: tuple[str, ...]) -> str:
+    """Words joined by spaces, "##" word endings glued to the word before (nu ##dity -> nudity)."""
+    return " ".join(phrase).replace(" ##", "")
+
+
+def proxy_scores(target: torch.Tensor, vectors: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    """cos(target, b + v_w) for every base b (K, d) and vocabulary vector v_w (V, d), as (K, V).
+
+    The bag-of-words proxy of a phrase edit: a phrase embedding is roughly the normalised sum of its
+    words' embeddings, so inserting w into a phrase of n words with embedding e is scored with
+    b = n * e, and replacing its word u with b = n * e - v_u. Written out so no (K, V, d) tensor
+    exists: |b + v|^2 = |b|^2 + 2 b.v + 1 for unit v.
+    """
+    dots = bases @ vectors.T  # (K, V)
+    norms = (bases.pow(2).sum(1, keepdim=True) + 2 * dots + 1).clamp(min=1e-12).sqrt()
+    return ((bases @ target)[:, None] + (vectors @ target)[None, :]) / norms
+
+
+def flip_sets(tokenizer) -> dict[str, tuple[list[str], torch.Tensor]] | None:
+    """HotFlip's candidate tokens for WordPiece tokenizers with [CLS]/[SEP]/[MASK] (None for others,
+    e.g. CLIP's BPE): word endings ("##" pieces), word starts, and the short starts (one or two
+    letters) that are tried exhaustively before an ending, where the gradient ranks them poorly."""
+    if tokenizer.mask_token_id is None or tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
+        return None
+    vocab = tokenizer.get_vocab()
+    ends = [t for t in vocab if t.startswith("##") and t[2:].isalpha()]
+    starts = [t for t in vocab if t.isalpha() and t.isascii() and t.islower()]
+    if not ends:
+        return None
+    short = [t for t in starts if len(t) <= 2]
+    return {name: (tokens, torch.tensor([vocab[t] for t in tokens]))
+            for name, tokens in (("ends", ends), ("starts", starts), ("short", short))}
+
+
+def hotflip(encoder: TextEncoder, sets, tokens: tuple[str, ...], target: torch.Tensor, slot: int, insert: bool,
+            pieces: bool, k: int) -> list[str]:
+    """HotFlip (Ebrahimi et al. 2018; GCG, Zou et al. 2023, evaluates its top-k the same way): the
+    k tokens whose first-order effect on cos(target, encode(phrase)) is largest when placed at
+    ``slot`` (inserted before token ``slot``, or replacing it), from the gradient at that input
+    embedding. ``pieces`` picks among the "##" word endings (words the vocabulary lacks:
+    nu + ##dity = nudity), else among word starts."""
+    if sets is None:
+        return []
+    tok, model = encoder.tokenizer, encoder.model
+    names, candidate_ids = sets["ends" if pieces else "starts"]
+    vocab = tok.get_vocab()
+    body = [vocab.get(t, tok.unk_token_id) for t in tokens]
+    body = body[:slot] + [tok.mask_token_id] + body[slot + (0 if insert else 1):]
+    ids = [tok.cls_token_id, *body, tok.sep_token_id]
+    table = model.get_input_embeddings().weight
+    with torch.enable_grad():
+        embeds = table[torch.tensor([ids])].detach().requires_grad_(True)  # (1, T, h)
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        hidden = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (1, T, d)
+        cosine = torch.nn.functional.normalize(pool(hidden, mask, encoder.pooling), dim=-1)[0] @ target
+        (grad,) = torch.autograd.grad(cosine, embeds)
+    gains = table[candidate_ids].detach() @ grad[0, slot + 1]  # + 1: [CLS]; (e_c - e_mask) . grad, less a constant
+    return [names[i] for i in torch.topk(gains, min(k, len(names))).indices.tolist()]
+
+
+def span_moves(phrase: tuple[str, ...], max_span: int = 2) -> list[tuple[str, ...]]:
+    """Every phrase made by moving a run of up to ``max_span`` whole words (a word keeps its "##"
+    endings) to another place: word-order repairs ("at night the tower" -> "the tower at night")."""
+    groups: list[tuple[str, ...]] = []
+    for t in phrase:
+        if t.startswith("##") and groups:
+            groups[-1] += (t,)
+        else:
+            groups.append((t,))
+    out = []
+    for i in range(len(groups)):
+        for span in range(1, max_span + 1):
+            if i + span > len(groups):
+                break
+            moved, rest = groups[i:i + span], groups[:i] + groups[i + span:]
+            out += [sum(rest[:j] + moved + rest[j:], ()) for j in range(len(rest) + 1) if j != i]
+    return out
+
+
+def _n_words(phrase: tuple[str, ...]) -> int:
+    return sum(not t.startswith("##") for t in phrase)
+
+
+def invert_one(target: torch.Tensor, encoder: TextEncoder, words: list[str], vectors: torch.Tensor,
+               config: InvertConfig, sets=None) -> Guess:
+    """Beam search for the phrase whose embedding is closest to ``target`` (a unit vector).
+
+    Phrases are tuples of vocabulary words and "##" endings. Each step, every beam phrase proposes
+    (a) the ``pool`` words the bag-of-words proxy ranks best for insertion at each position and for
+    substitution of each word, over the whole vocabulary; the best ``proposals`` of these by proxy
+    are encoded for real; (b) function words ("a", "of", ...) inserted anywhere, deletions, and for
+    the best ``flip_beams`` phrases HotFlip substitutions and "##" endings and moves of one word
+    (word order), all encoded for real. Beams keep the best true cosines (PEZ's lesson, Wen et al.
+    2023: project onto real tokens and score there). Stops at cosine 1, after ``patience`` steps
+    without gain, or at the time budget.
+    """
+    start = time.perf_counter()
+    deadline = start + config.time_budget
+    index = {w: i for i, w in enumerate(words)}
+    function = [w for w in FUNCTION_WORDS if w in index]
+    generator = torch.Generator().manual_seed(config.seed)
+    scored: dict[tuple[str, ...], float] = {}
+    embedded: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def score(phrases) -> None:
+        new = [p for p in dict.fromkeys(phrases) if p and p not in scored]
+        for begin in range(0, len(new), 256):
+            if time.perf_counter() > deadline and scored:
+                return
+            chunk = new[begin:begin + 256]
+            vecs = encoder.encode([phrase_text(p) for p in chunk])
+            embedded.update(zip(chunk, vecs))
+            scored.update(zip(chunk, (vecs @ target).tolist()))
+
+    # seeds: the nearest words, and "##" endings of the nearest few (single words the vocabulary lacks)
+    nearest = [words[i] for i in torch.topk(vectors @ target, min(4 * config.beam, len(words))).indices.tolist()]
+    score([(w,) for w in nearest])
+    score([(w, e) for w in nearest[:config.flip_beams] for e in hotflip(encoder, sets, (w,), target, 1, True, True,
+                                                                        4 * config.flips)])
+    beams = sorted(scored, key=scored.get, reverse=True)[:config.beam]
+    best, stale = scored[beams[0]], 0
+    while stale < config.patience and time.perf_counter() < deadline and best < 1 - 1e-6:
+        exact, proposals, proxies = [], [], []
+        for rank, beam in enumerate(beams):
+            n, grow = len(beam), _n_words(beam) < config.max_words
+            olds = [vectors[index[t]] if t in index else torch.zeros_like(target) for t in beam]
+            bases = n * embedded[beam] - torch.stack([torch.zeros_like(target), *olds])  # (n + 1, d)
+            top = torch.topk(proxy_scores(target, vectors, bases), min(config.pool, len(words)), dim=1)
+            values, ids = top.values.tolist(), top.indices.tolist()
+            for pos in range(n + 1):
+                if grow and rank < config.flip_beams:
+                    exact += [beam[:pos] + (w,) + beam[pos:] for w in function]
+                    proposals += [beam[:pos] + (words[i],) + beam[pos:] for i in ids[0]]
+                    proxies += values[0]
+                if pos == n:
+                    break
+                proposals += [beam[:pos] + (words[i],) + beam[pos + 1:] for i in ids[pos + 1]]
+                proxies += values[pos + 1]
+                exact.append(beam[:pos] + beam[pos + 1:])  # deletion
+                if rank < config.flip_beams:
+                    before_piece = pos + 1 < n and beam[pos + 1].startswith("##")
+                    flips = config.flips * (8 if before_piece else 1)
+                    if before_piece and rank == 0 and sets is not None:  # nu ##dity, e ##iff ##el
+                        exact += [beam[:pos] + (w,) + beam[pos + 1:] for w in sets["short"][0]]
+                    exact += [beam[:pos] + (w,) + beam[pos + 1:]
+                              for w in hotflip(encoder, sets, beam, target, pos, False, beam[pos].startswith("##"),
+                                               flips)]
+                    if not before_piece and beam[pos] not in function:  # an ending after this token
+                        exact += [beam[:pos + 1] + (w,) + beam[pos + 1:]
+                                  for w in hotflip(encoder, sets, beam, target, pos + 1, True, True, config.flips)]
+            if rank < config.flip_beams:
+                exact += span_moves(beam)
+        proxy = torch.tensor(proxies) + 1e-6 * torch.rand(len(proxies), generator=generator)  # seeded tie-breaking
+        chosen, want = [], config.proposals * 2 ** min(stale, 3)  # widen the search while stuck
+        for i in torch.argsort(proxy, descending=True).tolist():
+            if proposals[i] not in scored:
+                chosen.append(proposals[i])
+                if len(chosen) == want:
+                    break
+        score(exact + chosen)
+        beams = sorted(scored, key=scored.get, reverse=True)[:config.beam]
+        top_score = scored[beams[0]]
+        stale = 0 if top_score > best + 1e-5 else stale + 1
+        best = max(best, top_score)
+    ranked = sorted(scored, key=scored.get, reverse=True)
+    return Guess(phrase_text(ranked[0]), scored[ranked[0]],
+                 [(phrase_text(p), scored[p]) for p in ranked[1:1 + config.runners_up]], time.perf_counter() - start)
+
+
+def invert(targets: torch.Tensor, encoder: TextEncoder, config: InvertConfig = InvertConfig(),
+           progress: bool = True) -> list[Guess]:
+    """One ``Guess`` per row of ``targets`` (unit vectors); the vocabulary is encoded once and cached."""
+    from tqdm.auto import tqdm
+
+    words, vectors = vocabulary(encoder, progress)
+    sets = flip_sets(encoder.tokenizer) if encoder.kind == "sentence" else None
+    return [invert_one(t, encoder, words, vectors, config, sets)
+            for t in tqdm(targets, disable=not progress, desc="inverting", unit="target", dynamic_ncols=True)]
