@@ -230,6 +230,36 @@ def test_cli_end_to_end(tiny_model_dir, gsm_dir, tmp_path, capsys):
     assert len(records) == 4 and records[0]["prompt"].startswith("Question: ")
 
 
+def test_cli_resumes_finished_strategies(tiny_model_dir, gsm_dir, tmp_path, capsys, monkeypatch):
+    from lmlab import prompting
+
+    out = tmp_path / "gen.jsonl"
+    argv = ["prompt", "--model", tiny_model_dir, "--dataset", str(gsm_dir), "--strategies", "zero-shot,few-shot",
+            "--shots", "1", "--max-new-tokens", "3", "--output", str(out), "--json", "--no-progress"]
+    real, calls = prompting.run_strategy, []
+
+    def killed_at_second(*args, **kwargs):
+        calls.append(args[4].strategy)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prompting, "run_strategy", killed_at_second)
+    assert main(argv) == 130
+    assert not out.exists() and (tmp_path / "gen.jsonl.parts" / "zero-shot.json").exists()
+    capsys.readouterr()
+    calls.clear()
+    monkeypatch.setattr(prompting, "run_strategy", lambda *a, **k: calls.append(a[4].strategy) or real(*a, **k))
+    assert main(argv) == 0
+    assert calls == ["few-shot"]  # zero-shot was kept from the killed run
+    summary = json.loads(capsys.readouterr().out)
+    assert [r["n"] for r in summary["results"]] == [3, 3]
+    assert len(out.read_text().splitlines()) == 6 and not (tmp_path / "gen.jsonl.parts").exists()
+    calls.clear()
+    assert main([*argv[:-4], "--max-new-tokens", "2", *argv[-4:]]) == 0  # other settings: nothing is reused
+    assert calls == ["zero-shot", "few-shot"]
+
+
 def _without_template(model_dir: str, where: Path) -> str:
     """A copy of the tiny model whose tokenizer has no chat template."""
     copy = where / "no-template"

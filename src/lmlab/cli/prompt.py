@@ -22,6 +22,43 @@ def _strategies(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+class _Parts:
+    """Finished strategies of an interrupted run, beside ``--output`` (``OUTPUT.parts/``): a rerun of
+    the same command keeps them instead of generating again; removed once the output is written."""
+
+    def __init__(self, args: argparse.Namespace, chat: bool, n: int):
+        from pathlib import Path
+
+        self.dir = Path(str(args.output) + ".parts")
+        self.key = {"model": args.model, "dataset": args.dataset, "split": args.split, "limit": args.limit, "n": n,
+                    "shots": args.shots, "seed": args.seed, "chat": chat, "max_new_tokens": args.max_new_tokens}
+
+    def load(self, strategy: str):
+        from lmlab.io import read_json
+        from lmlab.prompting import StrategyResult
+
+        path = self.dir / f"{strategy}.json"
+        if not path.exists():
+            return None
+        part = read_json(path)
+        if part.get("key") != self.key:
+            return None
+        return StrategyResult(**part["result"])
+
+    def save(self, result) -> None:
+        from dataclasses import asdict
+
+        from lmlab.io import write_json
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.dir / f"{result.strategy}.json", {"key": self.key, "result": asdict(result)})
+
+    def clear(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def cmd_prompt(args: argparse.Namespace) -> int:
     from lmlab.data import subsample
     from lmlab.io import write_jsonl
@@ -46,15 +83,23 @@ def cmd_prompt(args: argparse.Namespace) -> int:
         raise LmlabError(f"{args.model} has no chat template; use --chat-template auto or off")
     seq2seq = getattr(model.config, "is_encoder_decoder", False)
     chat = args.chat_template == "on" or (args.chat_template == "auto" and has_template and not seq2seq)
+    parts = _Parts(args, chat, len(test)) if args.output else None
     results = []
     for n, strategy in enumerate(strategies, 1):
+        done = parts.load(strategy) if parts else None
         if not args.no_progress:
-            print(f"lmlab: [{n}/{len(strategies)}] {strategy}", file=sys.stderr, flush=True)
-        config = PromptConfig(strategy=strategy, shots=args.shots, seed=args.seed, chat=chat)
-        results.append(run_strategy(model, tokenizer, test, train, config, max_new_tokens=args.max_new_tokens,
-                                    batch_size=args.batch_size, progress=not args.no_progress))
+            print(f"lmlab: [{n}/{len(strategies)}] {strategy}{' (done before, kept)' if done else ''}",
+                  file=sys.stderr, flush=True)
+        if done is None:
+            config = PromptConfig(strategy=strategy, shots=args.shots, seed=args.seed, chat=chat)
+            done = run_strategy(model, tokenizer, test, train, config, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size, progress=not args.no_progress)
+            if parts:
+                parts.save(done)
+        results.append(done)
     if args.output:
         write_jsonl(args.output, [r for result in results for r in result.records])
+        parts.clear()
     summary = {"model": args.model, "dataset": args.dataset, "split": args.split, "n": len(test), "chat": chat,
                "shots": args.shots, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
                "results": [r.summary() for r in results], "output": args.output}
