@@ -1,1 +1,1 @@
-"""Planning calculators: closed-form parameter counts (``params``), later scaling laws and memory."""
+"""Planning calculators, pure functions: parameter counts (``params``, ``mlp``), scaling laws (``scaling``), adapter storage (``memory``)."""
