@@ -195,15 +195,20 @@ def invert_one(target: torch.Tensor, encoder: TextEncoder, words: list[str], vec
     scored: dict[tuple[str, ...], float] = {}
     embedded: dict[tuple[str, ...], torch.Tensor] = {}
 
+    last_chunk = 0.0  # seconds the last chunk took: a chunk that would end past the deadline is not begun
+
     def score(phrases) -> None:
+        nonlocal last_chunk
         new = [p for p in dict.fromkeys(phrases) if p and p not in scored]
         for begin in range(0, len(new), 256):
-            if time.perf_counter() > deadline and scored:
+            if time.perf_counter() + last_chunk > deadline and scored:
                 return
+            t0 = time.perf_counter()
             chunk = new[begin:begin + 256]
             vecs = encoder.encode([phrase_text(p) for p in chunk])
             embedded.update(zip(chunk, vecs))
             scored.update(zip(chunk, (vecs @ target).tolist()))
+            last_chunk = time.perf_counter() - t0
 
     # seeds: the nearest words, and "##" endings of the nearest few (single words the vocabulary lacks)
     nearest = [words[i] for i in torch.topk(vectors @ target, min(4 * config.beam, len(words))).indices.tolist()]
@@ -215,6 +220,8 @@ def invert_one(target: torch.Tensor, encoder: TextEncoder, words: list[str], vec
     while stale < config.patience and time.perf_counter() < deadline and best < 1 - 1e-6:
         exact, proposals, proxies = [], [], []
         for rank, beam in enumerate(beams):
+            if time.perf_counter() > deadline:
+                break
             n, grow = len(beam), _n_words(beam) < config.max_words
             olds = [vectors[index[t]] if t in index else torch.zeros_like(target) for t in beam]
             bases = n * embedded[beam] - torch.stack([torch.zeros_like(target), *olds])  # (n + 1, d)
