@@ -1,0 +1,7 @@
+"""``python -m lmlab``: the ``lmlab`` command line."""
+
+import sys
+
+from lmlab.cli import main
+
+sys.exit(main())
