@@ -28,7 +28,6 @@ from lmlab.watermark import (
     green_ids,
     make_processor,
     p_value,
-    prefetching,
     text_ids,
     z_score,
 )
@@ -103,26 +102,6 @@ def test_processors_match_transformers_and_keep_padding_red():
         green = torch.zeros(width, dtype=torch.bool)
         green[reference_greenlist(prev, vocab, 0.25)] = True
         assert torch.equal(hard[row, green], scores[row, green]) and torch.isneginf(hard[row, ~green]).all()
-
-
-@pytest.mark.parametrize("hard", [True, False])
-def test_prefetching_draws_the_same_lists_ahead(model, tokenizer, hard):
-    """Green lists drawn beside the forward pass: the same samples as drawing them after it, and
-    every list the processor needed was started by the forward hook, none drawn late."""
-    config = RedListConfig(vocab_size=len(tokenizer))
-    sampling = SamplingConfig(max_new_tokens=12, min_new_tokens=12, seed=3, batch_size=3)
-    prompts = ["The cat", "Once upon a time", "A list of fruit:"]
-    serial = RedListLogitsProcessor(config, hard=hard)
-    expected = sample(model, tokenizer, prompts, sampling, logits_processors=[serial], progress=False)
-    ahead = RedListLogitsProcessor(config, hard=hard)
-    started = []
-    real_prefetch = ahead.lists.prefetch
-    ahead.lists.prefetch = lambda tokens: started.extend(tokens) or real_prefetch(tokens)
-    with prefetching(model, [ahead]):
-        got = sample(model, tokenizer, prompts, sampling, logits_processors=[ahead], progress=False)
-    assert got == expected
-    assert set(ahead.lists._masks) <= set(started) and len(ahead.lists._masks) > 3
-    assert ahead.lists._pool is None and len(model._forward_pre_hooks) == 0  # thread stopped, hook removed
 
 
 @pytest.mark.parametrize("ignore_repeated", [False, True])

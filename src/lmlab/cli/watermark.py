@@ -38,7 +38,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lmlab.generate import sample
     from lmlab.io import read_texts, save_npy, write_jsonl
     from lmlab.models import load_model
-    from lmlab.watermark import make_processor, prefetching
+    from lmlab.watermark import make_processor
 
     suffix = Path(args.output).suffix.lower()
     if suffix not in (".jsonl", ".npy"):
@@ -48,9 +48,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model)
     processor = make_processor(args.scheme, tokenizer, _redlist(args, tokenizer))
     t0 = time.perf_counter()
-    processors = [processor] if processor else []
-    with prefetching(model, processors):
-        outputs = sample(model, tokenizer, prompts, config, logits_processors=processors, progress=not args.no_progress)
+    outputs = sample(model, tokenizer, prompts, config, logits_processors=[processor] if processor else [],
+                     progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     records = [{"prompt": p, "sample": k, "scheme": args.scheme, "text": text}
                for p, texts in zip(prompts, outputs) for k, text in enumerate(texts)]

@@ -21,9 +21,7 @@ from lmlab.watermark.redlist import (
     RedListLogitsProcessor,
     detect_ids,
     green_ids,
-    green_mask,
     p_value,
-    prefetching,
     text_ids,
     z_score,
 )
@@ -32,8 +30,7 @@ SCHEMES = ("none", "no-e", "hard", "soft")
 
 __all__ = ["DEFAULT_KEY", "NAMES", "SCHEMES", "ClassifyConfig", "Decision", "Detection", "GreenLists",
            "NoELogitsProcessor", "RedListConfig", "RedListLogitsProcessor", "banned_mask", "classify_text",
-           "classify_texts", "detect_ids", "detect_text", "green_ids", "green_mask", "make_processor", "p_value",
-           "prefetching", "text_ids",
+           "classify_texts", "detect_ids", "detect_text", "green_ids", "make_processor", "p_value", "text_ids",
            "z_score"]
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter, OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -56,42 +54,16 @@ def green_ids(previous: int, config: RedListConfig) -> torch.Tensor:
     return torch.randperm(config.vocab_size, generator=rng)[:config.green_size]
 
 
-def green_mask(previous: int, config: RedListConfig) -> torch.Tensor:
-    """(|V|,) bool, True on the green list after ``previous``."""
-    mask = torch.zeros(config.vocab_size, dtype=torch.bool)
-    mask[green_ids(previous, config)] = True
-    return mask
-
-
 class GreenLists:
     """Green-list masks by previous token, computed once each (an LRU of ``capacity`` masks).
 
     A ``randperm`` of 49k ids costs ~0.4 ms; text repeats previous tokens often (spaces, "the",
-    punctuation), so caching removes most of them from generation and detection alike. During
-    generation, ``prefetch`` draws the next step's lists in a background thread while the model's
-    forward pass runs (see ``prefetching``).
+    punctuation), so caching removes most of them from generation and detection alike.
     """
 
     def __init__(self, config: RedListConfig, capacity: int = 4096):
         self.config, self.capacity = config, capacity
         self._masks: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self._pending: dict[int, Future] = {}
-        self._pool: ThreadPoolExecutor | None = None
-
-    def prefetch(self, previous: list[int]) -> None:
-        """Start drawing the masks of these previous tokens in a background thread (torch's
-        ``randperm`` releases the GIL); ``mask`` then waits for them instead of drawing again."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="green-lists")
-        for token in dict.fromkeys(previous):
-            if token not in self._masks and token not in self._pending:
-                self._pending[token] = self._pool.submit(green_mask, token, self.config)
-
-    def close(self) -> None:
-        """Stop the prefetch thread (masks already drawn stay cached)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool, self._pending = None, {}
 
     def mask(self, previous: int) -> torch.Tensor:
         """(|V|,) bool, True for green."""
@@ -99,8 +71,8 @@ class GreenLists:
         if found is not None:
             self._masks.move_to_end(previous)
             return found
-        pending = self._pending.pop(previous, None)
-        mask = pending.result() if pending is not None else green_mask(previous, self.config)
+        mask = torch.zeros(self.config.vocab_size, dtype=torch.bool)
+        mask[green_ids(previous, self.config)] = True
         self._masks[previous] = mask
         if len(self._masks) > self.capacity:
             self._masks.popitem(last=False)
@@ -129,31 +101,6 @@ class RedListLogitsProcessor:
         if self.hard:
             return scores.masked_fill(~green, float("-inf"))
         return torch.where(green, scores, scores - self.config.delta)
-
-
-@contextmanager
-def prefetching(model, processors):
-    """Within this block, each forward pass of ``model`` starts drawing the green lists its
-    red-list ``processors`` will need after it (those of the last input tokens), so the lists are
-    ready, or nearly, when the logits are: the ~0.4 ms ``randperm`` per new previous token runs
-    beside the forward pass instead of after it. The lists drawn are the same."""
-    lists = [p.lists for p in processors if isinstance(p, RedListLogitsProcessor)]
-
-    def hook(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None and ids.dim() == 2:
-            last = ids[:, -1].tolist()
-            for green in lists:
-                green.prefetch(last)
-
-    handle = model.register_forward_pre_hook(hook, with_kwargs=True) if lists else None
-    try:
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
-        for green in lists:
-            green.close()
 
 
 @dataclass(frozen=True)
