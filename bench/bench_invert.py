@@ -1,6 +1,6 @@
 """Safety-filter inversion benchmark: encode bench/invert_secrets.txt with an encoder, invert, score.
 
-    OMP_NUM_THREADS=1 python bench/bench_invert.py [--encoder minilm] [--time-budget 60] [--threads 1]
+    python bench/bench_invert.py [--secrets bench/invert_secrets.txt] [--encoder minilm] [--time-budget 60]
 
 Reports exact recoveries (after lower-casing and dropping punctuation), recoveries up to the articles
 a/an/the, mean and minimum cosine, and seconds per target; writes bench/results/invert.json and
@@ -10,6 +10,7 @@ prints a Markdown table. The secrets are encoded here and only their embeddings 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import time
@@ -35,12 +36,13 @@ def main() -> None:
     ap.add_argument("--secrets", default=str(HERE / "invert_secrets.txt"))
     ap.add_argument("--encoder", default="minilm")
     ap.add_argument("--time-budget", type=float, default=60.0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="first N secrets only")
     ap.add_argument("--out", default=str(HERE / "results" / "invert.json"))
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     secrets = [s.strip() for s in Path(args.secrets).read_text().splitlines() if s.strip()][:args.limit]
     encoder = load_encoder(args.encoder)
@@ -63,8 +65,8 @@ def main() -> None:
         "max_seconds": round(max(g.seconds for g in guesses), 1),
         "wall_seconds_incl_vocabulary": round(total, 1),
     }
-    machine = {"threads": args.threads, "cpus": torch.get_num_threads(), "torch": torch.__version__,
-               "python": platform.python_version(), "note": "2-core machine shared with other jobs; 1 torch thread"}
+    machine = {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+               "python": platform.python_version()}
     write_json(args.out, {"encoder": args.encoder, "config": config.__dict__, "machine": machine,
                           "summary": summary, "rows": rows})
 
@@ -75,7 +77,7 @@ def main() -> None:
     s = summary
     print(f"\n**{s['exact']}/{s['targets']} exact, {s['up_to_articles']}/{s['targets']} up to articles; cosine mean "
           f"{s['mean_cosine']:.4f}, min {s['min_cosine']:.4f} ({s['at_least_0.95']} >= 0.95); "
-          f"{s['seconds_per_target']} s per target (max {s['max_seconds']}) on {args.threads} thread(s)** -> {args.out}")
+          f"{s['seconds_per_target']} s per target (max {s['max_seconds']}) on {torch.get_num_threads()} thread(s)** -> {args.out}")
 
 
 if __name__ == "__main__":
