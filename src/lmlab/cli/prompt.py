@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from dataclasses import asdict
+from pathlib import Path
 
 from lmlab.cli._args import DEFAULT_MODEL, nonnegative_int, positive_int, print_json
 from lmlab.errors import LmlabError
@@ -27,8 +30,6 @@ class _Parts:
     the same command keeps them instead of generating again; removed once the output is written."""
 
     def __init__(self, args: argparse.Namespace, chat: bool, n: int):
-        from pathlib import Path
-
         self.dir = Path(str(args.output) + ".parts")
         self.key = {"model": args.model, "dataset": args.dataset, "split": args.split, "limit": args.limit, "n": n,
                     "shots": args.shots, "seed": args.seed, "chat": chat, "max_new_tokens": args.max_new_tokens}
@@ -46,16 +47,12 @@ class _Parts:
         return StrategyResult(**part["result"])
 
     def save(self, result) -> None:
-        from dataclasses import asdict
-
         from lmlab.io import write_json
 
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.dir / f"{result.strategy}.json", {"key": self.key, "result": asdict(result)})
 
     def clear(self) -> None:
-        import shutil
-
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -38,7 +38,6 @@ class InvertConfig:
             raise LmlabError(f"time budget must be positive, got {self.time_budget}")
 
 
-
 # --- the vocabulary and its cached embeddings ------------------------------------------------
 
 
@@ -79,6 +78,7 @@ def vocabulary(encoder: TextEncoder, progress: bool = True) -> tuple[list[str], 
     embeddings = torch.cat(chunks)
     save_tensors(path, {"embeddings": embeddings})
     return words, embeddings
+
 
 # --- the search ------------------------------------------------------------------------------
 
