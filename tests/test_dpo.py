@@ -5,9 +5,11 @@ every trainable parameter moves, resume equals an uninterrupted run, bad input i
 import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
+from conftest import tiny
 
 from lmlab.cli import main
 from lmlab.dpo import Pair, dpo_loss, pair_logps, reference_logps
@@ -177,3 +179,39 @@ def test_prompt_longer_than_the_limit(tiny_model_dir, tmp_path, capsys):
     assert run(tiny_model_dir, path, tmp_path / "run", "--max-length", "64") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "over the limit of 64" in err[0]
+
+
+def test_ref_model_of_another_vocabulary_is_one_line(tiny_model_dir, pairs_file, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other-vocab"
+    shutil.copytree(tiny_model_dir, other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<an-extra-token>"])
+    tokenizer.save_pretrained(other)
+    assert run(tiny_model_dir, pairs_file, tmp_path / "run", "--ref-model", str(other)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another vocabulary" in err[0] and "1 entries differ" in err[0]
+    assert not (tmp_path / "run" / "last").exists() and not (tmp_path / "run" / "ref_logps.safetensors").exists()
+
+
+def test_ref_model_is_used_for_the_reference_log_probs(tiny_model_dir, pairs_file, tmp_path, capsys):
+    """--ref-model naming the policy's own folder gives the default reference's log-probs; another
+    model of the same vocabulary gives its own, and the first step's loss is then not log 2."""
+    from lmlab.io import load_tensors
+
+    assert run(tiny_model_dir, pairs_file, tmp_path / "default", "--max-iters", "1") == 0
+    assert run(tiny_model_dir, pairs_file, tmp_path / "same", "--max-iters", "1", "--ref-model", tiny_model_dir) == 0
+    default, same = (load_tensors(tmp_path / d / "ref_logps.safetensors") for d in ("default", "same"))
+    for key in default:
+        torch.testing.assert_close(same[key], default[key])
+    other = tmp_path / "other-weights"
+    shutil.copytree(tiny_model_dir, other)
+    model = tiny("tiny-llama", seed=1)
+    model.save_pretrained(other)
+    assert run(tiny_model_dir, pairs_file, tmp_path / "other", "--max-iters", "1", "--ref-model", str(other)) == 0
+    capsys.readouterr()
+    theirs = load_tensors(tmp_path / "other" / "ref_logps.safetensors")
+    assert not torch.allclose(theirs["train_chosen"], default["train_chosen"])
+    first = json.loads((tmp_path / "other" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["train_loss"] != pytest.approx(math.log(2), abs=1e-3)

@@ -126,7 +126,7 @@ def encode_pairs(tokenizer, rows: list[dict], config: DpoConfig, context: int | 
 
 @torch.no_grad()
 def reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference policy's log-probabilities: the model as it is now, LoRA adapters disabled."""
+    """The reference policy's log-probabilities: ``model`` as it is now, LoRA adapters disabled."""
     from lmlab.peft import lora
 
     was_training = model.training
@@ -155,9 +155,13 @@ def evaluate_pairs(model, pairs: list[Pair], ref: tuple[torch.Tensor, torch.Tens
 
 
 def train_dpo(model, tokenizer, method_config, train_pairs: list[Pair], val_pairs: list[Pair], config: DpoConfig,
-              cfg, run_info: dict | None = None) -> dict:
+              cfg, run_info: dict | None = None, reference=None) -> dict:
     """DPO with ``cfg`` (a ``train.TrainConfig``): batches of pairs in a seeded order, AdamW with
-    warm-up and cosine decay, best/ and last/ checkpoints, metrics.jsonl, resume, Ctrl-C safe."""
+    warm-up and cosine decay, best/ and last/ checkpoints, metrics.jsonl, resume, Ctrl-C safe.
+
+    ``reference``: a zero-argument callable returning another reference model (same vocabulary),
+    called only when the reference log-probabilities are computed and dropped right after; by
+    default the reference is ``model`` itself as it is now, LoRA adapters disabled."""
     import random
 
     from lmlab import peft
@@ -186,8 +190,10 @@ def train_dpo(model, tokenizer, method_config, train_pairs: list[Pair], val_pair
         saved = load_tensors(ref_path)
         ref_train, ref_val = (saved["train_chosen"], saved["train_rejected"]), (saved["val_chosen"], saved["val_rejected"])
     else:
-        ref_train = reference_logps(model, train_pairs, pad_id, 2 * cfg.batch_size)
-        ref_val = reference_logps(model, val_pairs, pad_id, 2 * cfg.batch_size)
+        ref_model = reference() if reference is not None else model
+        ref_train = reference_logps(ref_model, train_pairs, pad_id, 2 * cfg.batch_size)
+        ref_val = reference_logps(ref_model, val_pairs, pad_id, 2 * cfg.batch_size)
+        del ref_model
         save_tensors(ref_path, {"train_chosen": ref_train[0], "train_rejected": ref_train[1],
                                 "val_chosen": ref_val[0], "val_rejected": ref_val[1]})
     params = [p for p in model.parameters() if p.requires_grad]

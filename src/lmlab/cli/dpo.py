@@ -9,13 +9,23 @@ from lmlab.cli._args import DEFAULT_MODEL, positive_float, positive_int
 from lmlab.errors import LmlabError
 
 
+def _check_same_vocabulary(tokenizer, ref_tokenizer, name: str, ref_name: str) -> None:
+    """The reference must score the very token ids the policy sees: same vocabulary, same ids."""
+    ours, theirs = tokenizer.get_vocab(), ref_tokenizer.get_vocab()
+    if ours != theirs:
+        differ = len(set(ours.items()) ^ set(theirs.items()))
+        raise LmlabError(f"--ref-model {ref_name} has another vocabulary than {name} ({len(theirs):,} vs "
+                         f"{len(ours):,} tokens, {differ:,} entries differ): its log-probabilities would not "
+                         "score the same token ids")
+
+
 def cmd_dpo(args: argparse.Namespace) -> int:
     import torch
 
     from lmlab import peft
     from lmlab.cli import method_config
     from lmlab.dpo import DpoConfig, encode_pairs, read_pairs, split_pairs, train_dpo
-    from lmlab.models import load_model
+    from lmlab.models import load_model, load_tokenizer
     from lmlab.train import TrainConfig, check_out_dir
 
     if args.method not in ("lora", "full"):
@@ -27,6 +37,10 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     check_out_dir(cfg)
     train_rows, val_rows = split_pairs(read_pairs(args.data), args.val_fraction)  # bad data fails before loading
     model, tokenizer = load_model(args.model)
+    reference = None
+    if args.ref_model:
+        _check_same_vocabulary(tokenizer, load_tokenizer(args.ref_model), args.model, args.ref_model)
+        reference = lambda: load_model(args.ref_model)[0]  # loaded only when the log-probs are computed
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     train_pairs = encode_pairs(tokenizer, train_rows, config, context)
     val_pairs = encode_pairs(tokenizer, val_rows, config, context)
@@ -37,9 +51,9 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"lmlab: DPO ({args.method}, beta {args.beta}) on {args.model}: {trainable:,} of {total:,} parameters "
               f"train; {len(train_pairs)} pairs, {len(val_pairs)} held out", flush=True)
-    run_info = {"model": args.model, "task": "dpo", "data": args.data, "method": args.method,
+    run_info = {"model": args.model, "ref_model": args.ref_model, "task": "dpo", "data": args.data, "method": args.method,
                 "trainable": trainable, "total": total}
-    result = train_dpo(model, tokenizer, method, train_pairs, val_pairs, config, cfg, run_info)
+    result = train_dpo(model, tokenizer, method, train_pairs, val_pairs, config, cfg, run_info, reference)
     if args.json:
         print(json.dumps(result))
     else:
@@ -56,6 +70,9 @@ def register(sub) -> None:
     p = sub.add_parser("dpo", help="direct preference optimisation (LoRA or full) from prompt/chosen/rejected pairs")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--data", required=True, help=".jsonl with prompt, chosen and rejected per line")
+    p.add_argument("--ref-model", default=None,
+                   help="another reference policy (same vocabulary); default: the model itself before training "
+                        "(with LoRA: adapters disabled, no second copy)")
     add_method_args(p, rank=16, alpha=32.0)
     p.add_argument("--beta", type=positive_float, default=0.1, help="strength of the KL anchor to the reference (0.1)")
     p.add_argument("--lr", type=positive_float, default=5e-5, help="peak learning rate (5e-5)")
