@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from lmlab.data import TaskFormat, load_splits, subsample
-    from lmlab.evaluate import evaluate_generation, evaluate_scoring
+    from lmlab.evaluate import evaluate_generation, evaluate_scoring, label_logprobs
     from lmlab.models import load_model
 
     model, tokenizer = load_model()
@@ -53,11 +53,18 @@ def main(argv=None) -> int:
     gen = evaluate_generation(model, tokenizer, fmt, examples, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, progress=False)
     score = evaluate_scoring(model, tokenizer, fmt, examples, batch_size=2 * args.batch_size, progress=False)
+    t0 = time.perf_counter()  # the same scores without the shared-prefix KV cache
+    plain = label_logprobs(model, tokenizer, fmt, examples, batch_size=2 * args.batch_size, shared_prefix=False)
+    plain_s = time.perf_counter() - t0
+    cached = label_logprobs(model, tokenizer, fmt, examples, batch_size=2 * args.batch_size)
     results = {
         "n": len(examples), "model": "smollm2-135m-instruct", "threads": torch.get_num_threads(),
         "per_example_loop": {"examples_per_s": len(examples) / loop_s},
         "evaluate": {"examples_per_s": gen.examples_per_s, "accuracy": gen.accuracy, "unparseable": gen.unparseable},
         "evaluate_scoring": {"examples_per_s": score.examples_per_s, "accuracy": score.accuracy},
+        "scoring_without_prefix_cache": {"examples_per_s": len(examples) / plain_s,
+                                         "max_abs_logprob_difference": (plain - cached).abs().max().item(),
+                                         "same_predictions": bool((plain.argmax(-1) == cached.argmax(-1)).all())},
         "same_generations_as_loop": sum(a == b for a, b in zip(loop_texts, gen.generations)) / len(examples),
     }
     results["speedup_evaluate"] = results["evaluate"]["examples_per_s"] / results["per_example_loop"]["examples_per_s"]

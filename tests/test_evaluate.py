@@ -16,6 +16,7 @@ from lmlab.evaluate import (
     format_report,
     label_logprobs,
     parse_label,
+    shared_prefix_length,
     summarize,
 )
 from lmlab.models import build_model, preset_config
@@ -127,20 +128,32 @@ def test_batched_generation_equals_one_by_one(tiny_lm):
     assert result.n == 6 and result.unparseable == 6  # a random model says no label word
 
 
+@pytest.mark.parametrize("shared_prefix", [True, False])
 @pytest.mark.parametrize("words", [("negative", "positive"), ("very bad", "quite good"),
                                    ("bad", "okay", "quite good indeed")])
-def test_scoring_equals_naive_likelihood(tiny_lm, words):
-    """Batched, left-padded, logits_to_keep (one-token labels) or one forward per label (several)."""
+def test_scoring_equals_naive_likelihood(tiny_lm, words, shared_prefix):
+    """Batched, left-padded, logits_to_keep (one-token labels) or one forward per label (several);
+    one-token labels also through the template's shared-prefix KV cache (right-padded tails)."""
     model, tok, reference = tiny_lm
     fmt = TaskFormat(label_words=words)
     examples = [Example(e.text, i % len(words)) for i, e in enumerate(EXAMPLES)]
     expected = torch.tensor([naive_scores(reference, tok, fmt, e) for e in examples])  # (N, L)
-    scores = label_logprobs(model, tok, fmt, examples, batch_size=4)
+    scores = label_logprobs(model, tok, fmt, examples, batch_size=4, shared_prefix=shared_prefix)
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
     assert (expected - expected.mean(0)).abs().max() > 0.1  # the scores depend on the input
     result = evaluate_scoring(model, tok, fmt, examples, batch_size=4, progress=False)
     assert result.predictions == scores.argmax(-1).tolist()
     assert result.unparseable == 0 and result.generations == []
+
+
+@pytest.mark.parametrize("prompts,expected", [
+    ([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7, 8]], 5),
+    ([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6]], 4),  # every prompt keeps a token of its own
+    ([[1, 2, 3, 9], [1, 2, 3, 8]], 0),  # under the minimum of 4: not worth a cache
+    ([[5, 6, 7, 8, 9, 10]], 5),
+])
+def test_shared_prefix_length(prompts, expected):
+    assert shared_prefix_length(prompts) == expected
 
 
 def test_evaluation_leaves_weights_trainable(tokenizer):

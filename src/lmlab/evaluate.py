@@ -154,30 +154,67 @@ def evaluate_scoring(model, tokenizer, fmt: TaskFormat, examples: list[Example],
 
 
 def label_logprobs(model, tokenizer, fmt: TaskFormat, examples: list[Example], *, batch_size: int = 32,
-                   max_length: int = 256, progress: bool = False) -> torch.Tensor:
+                   max_length: int = 256, progress: bool = False, shared_prefix: bool = True) -> torch.Tensor:
     """log p(label tokens | prompt) for every example and label, summed over a label's tokens; (N, L).
 
     When every label word is one token, one forward of the prompt with the LM head on the last
     position only (``logits_to_keep=1``) scores all labels: SmolLM2's 49k-wide head costs 57 MFLOP
     a position against 213 for the body, so running it on 1 position instead of all ~46 saves ~20%.
     Otherwise each label's completion gets its own forward over prompt + completion, the head on
-    its last k + 1 positions.
+    its last k + 1 positions. With ``shared_prefix``, the token prefix every prompt shares (the
+    template's instruction) runs once and its KV cache is reused by every batch.
     """
     items = _encode(tokenizer, fmt, examples, max_length)
     completions = label_token_ids(tokenizer, fmt)
     pad = _pad_id(tokenizer)
     scores = torch.empty(len(items), len(completions))  # (N, L)
+    single = all(len(c) == 1 for c in completions)
+    shared = shared_prefix_length([it.prompt_ids for it in items]) if single and shared_prefix else 0
     with _inference(model):
+        prefix_cache = _prefix_cache(model, items[0].prompt_ids[:shared]) if shared else None
         for idx in _batches(items, batch_size, "scoring", progress):
             batch = [items[i] for i in idx]
-            if all(len(c) == 1 for c in completions):
-                ids, mask, pos, _ = left_pad_batch(batch, pad, with_completion=False)
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
-                scores[idx] = logits[:, -1].float().log_softmax(-1)[:, [c[0] for c in completions]]  # (B, L)
+            if single:
+                last = _last_logits(model, batch, pad, shared, prefix_cache)  # (B, V)
+                scores[idx] = last.float().log_softmax(-1)[:, [c[0] for c in completions]]  # (B, L)
             else:
                 for j, completion in enumerate(completions):
                     scores[idx, j] = _completion_logprob(model, batch, completion, pad)
     return scores
+
+
+def shared_prefix_length(prompts: list[list[int]], minimum: int = 4) -> int:
+    """Tokens at the start of every prompt, leaving each at least one of its own; 0 if < ``minimum``."""
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return n if n >= minimum else 0
+
+
+def _prefix_cache(model, prefix: list[int]):
+    return model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
+
+
+def _last_logits(model, batch: list[Encoded], pad_id: int, shared: int, prefix_cache) -> torch.Tensor:
+    """Next-token logits after each prompt of ``batch``; (B, V). Without a prefix cache: left
+    padding and the head on the last column. With one: the prompts' own tokens, right-padded, go
+    after a copy of the cache, and the head runs on each row's last real position only."""
+    if prefix_cache is None:
+        ids, mask, pos, _ = left_pad_batch(batch, pad_id, with_completion=False)
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
+    import copy
+
+    tails = [b.prompt_ids[shared:] for b in batch]
+    width = max(map(len, tails))
+    ids = torch.tensor([t + [pad_id] * (width - len(t)) for t in tails])
+    mask = torch.tensor([[1] * (shared + len(t)) + [0] * (width - len(t)) for t in tails])
+    pos = torch.arange(shared, shared + width).expand(len(batch), -1)
+    cache = copy.deepcopy(prefix_cache)
+    cache.batch_repeat_interleave(len(batch))
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                              use_cache=True).last_hidden_state  # (B, width, d)
+    last = torch.tensor([len(t) - 1 for t in tails])
+    return model.get_output_embeddings()(hidden[torch.arange(len(batch)), last].contiguous())
 
 
 def _completion_logprob(model, batch: list[Encoded], completion: list[int], pad_id: int) -> torch.Tensor:
