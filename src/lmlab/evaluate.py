@@ -8,6 +8,7 @@ log-likelihoods after the prompt in one forward pass per batch, so it can never 
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from contextlib import contextmanager
@@ -202,8 +203,6 @@ def _last_logits(model, batch: list[Encoded], pad_id: int, shared: int, prefix_c
     if prefix_cache is None:
         ids, mask, pos, _ = left_pad_batch(batch, pad_id, with_completion=False)
         return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
-    import copy
-
     tails = [b.prompt_ids[shared:] for b in batch]
     width = max(map(len, tails))
     ids = torch.tensor([t + [pad_id] * (width - len(t)) for t in tails])
