@@ -1,7 +1,7 @@
 """Evaluation throughput: ``lmlab evaluate`` (batched, left-padded, KV cache) and ``--scoring``
 against a per-example ``model.generate`` loop, side by side on the same examples, one run.
 
-    python bench/bench_evaluate.py --n 96 --json bench/results/evaluate.json
+    python bench/bench_evaluate.py --n 192 --json bench/results/evaluate.json
 """
 
 from __future__ import annotations
@@ -33,6 +33,24 @@ def per_example_loop(model, tokenizer, fmt, examples, max_new_tokens: int) -> tu
     return time.perf_counter() - t0, texts
 
 
+def compute_bound(model, tokenizer, fmt, examples, max_new_tokens: int, gflops: float) -> dict:
+    """Examples/s at 100 % of the fp32 matmul rate for the FLOPs exact evaluation cannot skip:
+    2 x non-embedding parameters for each prompt token after the shared prefix, plus the LM head on
+    the last position (scoring) and a whole token per further generated token (generation)."""
+    from lmlab.data import encode
+    from lmlab.evaluate import shared_prefix_length
+
+    prompts = [it.prompt_ids for it in encode(tokenizer, fmt, examples)]
+    own = sum(len(p) for p in prompts) / len(prompts) - shared_prefix_length(prompts)
+    head = model.get_output_embeddings().weight.numel()
+    body = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    body -= 0 if model.config.tie_word_embeddings else head
+    scoring = 2 * (own * body + head)
+    generation = scoring + 2 * (max_new_tokens - 1) * (body + head)
+    return {"own_tokens_per_example": own, "gflop_scoring": scoring / 1e9, "gflop_generation": generation / 1e9,
+            "scoring_examples_per_s": gflops * 1e9 / scoring, "generation_examples_per_s": gflops * 1e9 / generation}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=96, help="test examples (fixed-seed sample)")
@@ -41,26 +59,35 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
+    from bench_finetune import matmul_gflops
+
     from lmlab.data import TaskFormat, load_splits, subsample
     from lmlab.evaluate import evaluate_generation, evaluate_scoring, label_logprobs
     from lmlab.models import load_model
 
     model, tokenizer = load_model()
     fmt = TaskFormat()
+    gflops = matmul_gflops()
     examples = subsample(load_splits(str(DATA), fmt, ("test",))["test"], args.n)
     evaluate_scoring(model, tokenizer, fmt, examples[:4], progress=False)  # warm-up
     loop_s, loop_texts = per_example_loop(model, tokenizer, fmt, examples, args.max_new_tokens)
     gen = evaluate_generation(model, tokenizer, fmt, examples, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, progress=False)
-    score = evaluate_scoring(model, tokenizer, fmt, examples, batch_size=2 * args.batch_size, progress=False)
+    gen_plain = evaluate_generation(model, tokenizer, fmt, examples, batch_size=args.batch_size,
+                                    max_new_tokens=args.max_new_tokens, progress=False, shared_prefix=False)
+    score = evaluate_scoring(model, tokenizer, fmt, examples, batch_size=args.batch_size, progress=False)
     t0 = time.perf_counter()  # the same scores without the shared-prefix KV cache
-    plain = label_logprobs(model, tokenizer, fmt, examples, batch_size=2 * args.batch_size, shared_prefix=False)
+    plain = label_logprobs(model, tokenizer, fmt, examples, batch_size=args.batch_size, shared_prefix=False)
     plain_s = time.perf_counter() - t0
-    cached = label_logprobs(model, tokenizer, fmt, examples, batch_size=2 * args.batch_size)
+    cached = label_logprobs(model, tokenizer, fmt, examples, batch_size=args.batch_size)
     results = {
         "n": len(examples), "model": "smollm2-135m-instruct", "threads": torch.get_num_threads(),
+        "matmul_gflops": gflops,
+        "bound_at_matmul_peak": compute_bound(model, tokenizer, fmt, examples, args.max_new_tokens, gflops),
         "per_example_loop": {"examples_per_s": len(examples) / loop_s},
         "evaluate": {"examples_per_s": gen.examples_per_s, "accuracy": gen.accuracy, "unparseable": gen.unparseable},
+        "generation_without_prefix_cache": {"examples_per_s": gen_plain.examples_per_s,
+                                            "same_generations": gen_plain.generations == gen.generations},
         "evaluate_scoring": {"examples_per_s": score.examples_per_s, "accuracy": score.accuracy},
         "scoring_without_prefix_cache": {"examples_per_s": len(examples) / plain_s,
                                          "max_abs_logprob_difference": (plain - cached).abs().max().item(),
@@ -69,9 +96,14 @@ def main(argv=None) -> int:
     }
     results["speedup_evaluate"] = results["evaluate"]["examples_per_s"] / results["per_example_loop"]["examples_per_s"]
     results["speedup_scoring"] = results["evaluate_scoring"]["examples_per_s"] / results["per_example_loop"]["examples_per_s"]
+    loop = results["per_example_loop"]["examples_per_s"]
+    bound = results["bound_at_matmul_peak"]
+    results["speedup_bound_scoring"] = bound["scoring_examples_per_s"] / loop
+    results["speedup_bound_generation"] = bound["generation_examples_per_s"] / loop
     print(json.dumps(results, indent=2))
-    print(f"evaluate {results['speedup_evaluate']:.1f}x, --scoring {results['speedup_scoring']:.1f}x the per-example loop",
-          file=sys.stderr)
+    print(f"evaluate {results['speedup_evaluate']:.1f}x, --scoring {results['speedup_scoring']:.1f}x the per-example loop "
+          f"(at {gflops:.0f} GFLOP/s the FLOPs allow at most {results['speedup_bound_generation']:.1f}x and "
+          f"{results['speedup_bound_scoring']:.1f}x)", file=sys.stderr)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

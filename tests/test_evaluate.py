@@ -117,11 +117,16 @@ def test_summarize_three_labels_and_empty():
         summarize([0], [0, 1], n_labels=2)
 
 
-def test_batched_generation_equals_one_by_one(tiny_lm):
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_batched_generation_equals_one_by_one(tiny_lm, shared_prefix):
+    """Also through the template's shared-prefix KV cache, with the padding between it and each
+    prompt's own tokens."""
     model, tok, reference = tiny_lm
     fmt, was_training = TaskFormat(), model.training
     expected = [greedy_alone(reference, tok, fmt, e, 4) for e in EXAMPLES]
-    result = evaluate_generation(model, tok, fmt, EXAMPLES, batch_size=4, max_new_tokens=4, progress=False)
+    assert shared_prefix_length([it.prompt_ids for it in encode(tok, fmt, EXAMPLES)]) >= 4
+    result = evaluate_generation(model, tok, fmt, EXAMPLES, batch_size=4, max_new_tokens=4, progress=False,
+                                 shared_prefix=shared_prefix)
     assert result.generations == expected
     assert len(set(expected)) > 2  # the test would be vacuous if every prompt gave the same text
     assert model.training == was_training

@@ -118,24 +118,36 @@ def _encode(tokenizer, fmt: TaskFormat, examples: list[Example], max_length: int
 
 
 def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Example], *, batch_size: int = 16,
-                        max_new_tokens: int = 3, max_length: int = 256, progress: bool = True) -> EvalResult:
+                        max_new_tokens: int = 3, max_length: int = 256, progress: bool = True,
+                        shared_prefix: bool = True) -> EvalResult:
     """Greedy generation in length-sorted, left-padded batches with the KV cache; the new tokens
     are decoded and parsed with ``parse_label``.
 
     Left padding puts every prompt's last token in the last column, where generation continues;
     ``generate`` derives position ids from the attention mask, so a padded row generates what it
-    would alone.
+    would alone. With ``shared_prefix``, the token prefix every prompt shares runs once: each
+    batch starts from a copy of its KV cache, the padding sits between it and each prompt's own
+    tokens, and the mask hides it.
     """
     items = _encode(tokenizer, fmt, examples, max_length)
     pad = _pad_id(tokenizer)
     eos = model.generation_config.eos_token_id
+    shared = shared_prefix_length([it.prompt_ids for it in items]) if shared_prefix else 0
     texts = [""] * len(items)
     t0 = time.perf_counter()
     with _inference(model):
+        prefix_cache = _prefix_cache(model, items[0].prompt_ids[:shared]) if shared else None
         for idx in _batches(items, batch_size, "generating", progress):
-            ids, mask, _, _ = left_pad_batch([items[i] for i in idx], pad, with_completion=False)  # (B, T)
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1, pad_token_id=pad,
+            batch = [items[i] for i in idx]
+            tails = [Encoded(it.prompt_ids[shared:], [], it.label) for it in batch]
+            ids, mask, _, _ = left_pad_batch(tails, pad, with_completion=False)  # (B, T)
+            cache = None
+            if shared:
+                ids = torch.cat([torch.tensor([batch[0].prompt_ids[:shared]]).expand(len(batch), -1), ids], 1)
+                mask = torch.cat([torch.ones(len(batch), shared, dtype=mask.dtype), mask], 1)
+                cache = _repeat_cache(prefix_cache, len(batch))
+            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
                                  eos_token_id=tokenizer.eos_token_id if eos is None else eos)
             for i, text in zip(idx, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
                 texts[i] = text
@@ -144,7 +156,7 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
                      time.perf_counter() - t0)
 
 
-def evaluate_scoring(model, tokenizer, fmt: TaskFormat, examples: list[Example], *, batch_size: int = 32,
+def evaluate_scoring(model, tokenizer, fmt: TaskFormat, examples: list[Example], *, batch_size: int = 16,
                      max_length: int = 256, progress: bool = True) -> EvalResult:
     """Predict the label with the highest ``label_logprobs``; never unparseable."""
     t0 = time.perf_counter()
@@ -154,7 +166,7 @@ def evaluate_scoring(model, tokenizer, fmt: TaskFormat, examples: list[Example],
                      seconds=time.perf_counter() - t0)
 
 
-def label_logprobs(model, tokenizer, fmt: TaskFormat, examples: list[Example], *, batch_size: int = 32,
+def label_logprobs(model, tokenizer, fmt: TaskFormat, examples: list[Example], *, batch_size: int = 16,
                    max_length: int = 256, progress: bool = False, shared_prefix: bool = True) -> torch.Tensor:
     """log p(label tokens | prompt) for every example and label, summed over a label's tokens; (N, L).
 
@@ -196,6 +208,13 @@ def _prefix_cache(model, prefix: list[int]):
     return model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
 
 
+def _repeat_cache(cache, batch_size: int):
+    """A copy of a one-row KV cache with ``batch_size`` rows (the original is reused by every batch)."""
+    cache = copy.deepcopy(cache)
+    cache.batch_repeat_interleave(batch_size)
+    return cache
+
+
 def _last_logits(model, batch: list[Encoded], pad_id: int, shared: int, prefix_cache) -> torch.Tensor:
     """Next-token logits after each prompt of ``batch``; (B, V). Without a prefix cache: left
     padding and the head on the last column. With one: the prompts' own tokens, right-padded, go
@@ -208,9 +227,8 @@ def _last_logits(model, batch: list[Encoded], pad_id: int, shared: int, prefix_c
     ids = torch.tensor([t + [pad_id] * (width - len(t)) for t in tails])
     mask = torch.tensor([[1] * (shared + len(t)) + [0] * (width - len(t)) for t in tails])
     pos = torch.arange(shared, shared + width).expand(len(batch), -1)
-    cache = copy.deepcopy(prefix_cache)
-    cache.batch_repeat_interleave(len(batch))
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                              past_key_values=_repeat_cache(prefix_cache, len(batch)),
                               use_cache=True).last_hidden_state  # (B, width, d)
     last = torch.tensor([len(t) - 1 for t in tails])
     return model.get_output_embeddings()(hidden[torch.arange(len(batch)), last].contiguous())
