@@ -3,6 +3,7 @@ model against the same model with its decoder's linear layers dynamically quanti
 (torch.ao ``quantize_dynamic``, fbgemm kernels), side by side on the same test reviews.
 
     python bench/bench_int8.py --n 300 --json bench/results/int8.json
+    python bench/bench_int8.py --n 300 --checkpoint runs/rt-r16 --json bench/results/int8_lora.json
 
 A negative result kept on record: int8 is ~4x faster here but changes too many predictions to
 stand in for the fp32 model, so ``lmlab evaluate`` does not offer it.
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=300, help="test examples (fixed-seed sample)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--checkpoint", default=None, help="a LoRA run of lmlab finetune (default: the zero-shot model)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -35,7 +37,14 @@ def main(argv=None) -> int:
     from lmlab.evaluate import label_logprobs
     from lmlab.models import load_model
 
-    model, tokenizer = load_model()
+    if args.checkpoint:
+        from lmlab.peft import lora
+        from lmlab.train import load_checkpoint
+
+        model, tokenizer, _ = load_checkpoint(args.checkpoint)
+        model = lora.merge_and_unload(model)  # plain Linear layers for quantize_dynamic to replace
+    else:
+        model, tokenizer = load_model()
     fmt = TaskFormat()
     examples = subsample(load_splits(str(DATA), fmt, ("test",))["test"], args.n)
     labels = torch.tensor([e.label for e in examples])
@@ -47,7 +56,7 @@ def main(argv=None) -> int:
         return scores, time.perf_counter() - t0
 
     fp32, fp32_s = timed(model)
-    results = {"n": len(examples), "threads": torch.get_num_threads(),
+    results = {"n": len(examples), "threads": torch.get_num_threads(), "checkpoint": args.checkpoint,
                "fp32": {"examples_per_s": len(examples) / fp32_s,
                         "accuracy": (fp32.argmax(-1) == labels).float().mean().item()}}
     qconfigs = {"per_tensor": torch.ao.quantization.default_dynamic_qconfig,
