@@ -1,5 +1,6 @@
-"""Evaluation throughput: ``lmlab evaluate`` (batched, left-padded, KV cache) and ``--scoring``
-against a per-example ``model.generate`` loop, side by side on the same examples, one run.
+"""Evaluation throughput: ``lmlab evaluate`` (batched, left-padded, KV cache, shared-prefix cache,
+early stop) with each of those switched off, and ``--scoring``, against a per-example
+``model.generate`` loop, side by side on the same examples, one run.
 
     python bench/bench_evaluate.py --n 192 --json bench/results/evaluate.json
 """
@@ -62,7 +63,12 @@ def main(argv=None) -> int:
     from bench_finetune import matmul_gflops
 
     from lmlab.data import TaskFormat, load_splits, subsample
-    from lmlab.evaluate import evaluate_generation, evaluate_scoring, label_logprobs
+    from lmlab.evaluate import (
+        evaluate_generation,
+        evaluate_scoring,
+        label_logprobs,
+        parse_label,
+    )
     from lmlab.models import load_model
 
     model, tokenizer = load_model()
@@ -73,26 +79,33 @@ def main(argv=None) -> int:
     loop_s, loop_texts = per_example_loop(model, tokenizer, fmt, examples, args.max_new_tokens)
     gen = evaluate_generation(model, tokenizer, fmt, examples, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, progress=False)
+    gen_full = evaluate_generation(model, tokenizer, fmt, examples, batch_size=args.batch_size,
+                                   max_new_tokens=args.max_new_tokens, progress=False, stop_when_decided=False)
     gen_plain = evaluate_generation(model, tokenizer, fmt, examples, batch_size=args.batch_size,
-                                    max_new_tokens=args.max_new_tokens, progress=False, shared_prefix=False)
+                                    max_new_tokens=args.max_new_tokens, progress=False, shared_prefix=False,
+                                    stop_when_decided=False)
     score = evaluate_scoring(model, tokenizer, fmt, examples, batch_size=args.batch_size, progress=False)
     t0 = time.perf_counter()  # the same scores without the shared-prefix KV cache
     plain = label_logprobs(model, tokenizer, fmt, examples, batch_size=args.batch_size, shared_prefix=False)
     plain_s = time.perf_counter() - t0
     cached = label_logprobs(model, tokenizer, fmt, examples, batch_size=args.batch_size)
+    loop_predictions = [parse_label(t, fmt.label_words) for t in loop_texts]
     results = {
         "n": len(examples), "model": "smollm2-135m-instruct", "threads": torch.get_num_threads(),
         "matmul_gflops": gflops,
         "bound_at_matmul_peak": compute_bound(model, tokenizer, fmt, examples, args.max_new_tokens, gflops),
         "per_example_loop": {"examples_per_s": len(examples) / loop_s},
-        "evaluate": {"examples_per_s": gen.examples_per_s, "accuracy": gen.accuracy, "unparseable": gen.unparseable},
-        "generation_without_prefix_cache": {"examples_per_s": gen_plain.examples_per_s,
-                                            "same_generations": gen_plain.generations == gen.generations},
+        "evaluate": {"examples_per_s": gen.examples_per_s, "accuracy": gen.accuracy, "unparseable": gen.unparseable,
+                     "same_predictions_as_loop": gen.predictions == loop_predictions,
+                     "prefixes_of_loop_texts": all(a.startswith(b) for a, b in zip(loop_texts, gen.generations))},
+        "generation_without_early_stop": {"examples_per_s": gen_full.examples_per_s,
+                                          "same_generations_as_loop": gen_full.generations == loop_texts},
+        "generation_without_early_stop_and_prefix_cache": {
+            "examples_per_s": gen_plain.examples_per_s, "same_generations_as_loop": gen_plain.generations == loop_texts},
         "evaluate_scoring": {"examples_per_s": score.examples_per_s, "accuracy": score.accuracy},
         "scoring_without_prefix_cache": {"examples_per_s": len(examples) / plain_s,
                                          "max_abs_logprob_difference": (plain - cached).abs().max().item(),
                                          "same_predictions": bool((plain.argmax(-1) == cached.argmax(-1)).all())},
-        "same_generations_as_loop": sum(a == b for a, b in zip(loop_texts, gen.generations)) / len(examples),
     }
     results["speedup_evaluate"] = results["evaluate"]["examples_per_s"] / results["per_example_loop"]["examples_per_s"]
     results["speedup_scoring"] = results["evaluate_scoring"]["examples_per_s"] / results["per_example_loop"]["examples_per_s"]

@@ -14,6 +14,7 @@ from lmlab.evaluate import (
     evaluate_generation,
     evaluate_scoring,
     format_report,
+    label_decided,
     label_logprobs,
     parse_label,
     shared_prefix_length,
@@ -96,6 +97,54 @@ def test_parse_label_multiword(words, text, expected):
     assert parse_label(text, words) == expected
 
 
+@pytest.mark.parametrize("words,text,decided", [
+    (("negative", "positive"), "", False), (("negative", "positive"), "  ", False),
+    (("negative", "positive"), " posit", False), (("negative", "positive"), " positive", False),  # "positively"?
+    (("negative", "positive"), " positive.", True), (("negative", "positive"), "Negative\n", True),
+    (("negative", "positive"), " positively", True), (("negative", "positive"), " I", True),
+    (("negative", "positive"), " positive\ufffd", False),  # half a UTF-8 character: maybe a letter
+    (("very bad", "quite good"), " very ", False), (("very bad", "quite good"), " very b", False),
+    (("very bad", "quite good"), " very bad!", True), (("very bad", "quite good"), " verybad", True),
+    (("good", "good enough"), "good ", False), (("good", "good enough"), "good e", False),
+    (("good", "good enough"), "good enough.", True), (("good", "good enough"), "good, ", True),
+])
+def test_label_decided(words, text, decided):
+    assert label_decided(text, words) is decided
+
+
+def test_label_decided_waits_for_the_tokenizers_cleanup():
+    """transformers' ``clean_up_tokenization`` turns " positive n't" into " positiven't" (unparseable)
+    once the last token arrives: with ``cleanup`` a space near the end keeps the label open."""
+    words = ("negative", "positive")
+    assert label_decided(" positive ", words) and not label_decided(" positive ", words, cleanup=True)
+    assert not label_decided(" positive n'", words, cleanup=True)
+    assert label_decided(" positive now", words, cleanup=True)
+
+
+SUFFIXES = ["", "ly", "s", " ", ".", "\n", "_x", " enough", " bad", "é", "ough", " n't"]
+TEXTS_TO_CUT = [" positive. Great", " positively", "negative\n", " Neutral", "  posit", " I think",
+                " very bad film", " very  badly", "good enough.", "good, enough", " good enough", "5 stars!"]
+
+
+@pytest.mark.parametrize("cleanup", [False, True])
+@pytest.mark.parametrize("words", [("negative", "positive"), ("very bad", "quite good"), ("good", "good enough"),
+                                   ("1 star", "5 stars")])
+def test_label_decided_means_no_continuation_changes_the_label(words, cleanup):
+    """Every prefix judged decided parses like each of its continuations (the whole text and a table
+    of suffixes), and every whole text that ends in punctuation is decided."""
+    checked = 0
+    for whole in TEXTS_TO_CUT:
+        for cut in range(len(whole) + 1):
+            text = whole[:cut]
+            if label_decided(text, words, cleanup):
+                checked += 1
+                for later in [whole, *(text + s for s in SUFFIXES)]:
+                    assert parse_label(later, words) == parse_label(text, words), (text, later)
+        if whole[-1] in ".!\n":
+            assert label_decided(whole, words, cleanup)
+    assert checked > 20
+
+
 def test_summarize_counts_unparseable_as_wrong():
     r = summarize([1, 0, None, 1, None], [1, 1, 0, 1, 1], n_labels=2, generations=["x"] * 5, seconds=2.0)
     assert (r.correct, r.n, r.unparseable) == (2, 5, 2)
@@ -126,11 +175,27 @@ def test_batched_generation_equals_one_by_one(tiny_lm, shared_prefix):
     expected = [greedy_alone(reference, tok, fmt, e, 4) for e in EXAMPLES]
     assert shared_prefix_length([it.prompt_ids for it in encode(tok, fmt, EXAMPLES)]) >= 4
     result = evaluate_generation(model, tok, fmt, EXAMPLES, batch_size=4, max_new_tokens=4, progress=False,
-                                 shared_prefix=shared_prefix)
+                                 shared_prefix=shared_prefix, stop_when_decided=False)
     assert result.generations == expected
     assert len(set(expected)) > 2  # the test would be vacuous if every prompt gave the same text
     assert model.training == was_training
     assert result.n == 6 and result.unparseable == 6  # a random model says no label word
+
+
+def test_generation_stops_once_every_label_is_decided(tiny_lm):
+    """Label words taken from the model's own generations (one whole word, one cut short), so some
+    rows parse and others are unparseable at different steps: stopping early gives the same
+    predictions, and every text is a prefix of the full one, some strictly."""
+    model, tok, _ = tiny_lm
+    run = {"batch_size": 4, "max_new_tokens": 4, "progress": False}
+    full = evaluate_generation(model, tok, TaskFormat(), EXAMPLES, stop_when_decided=False, **run).generations
+    firsts = [g.split()[0] for g in full if g.split() and g.split()[0].isalpha() and len(g.split()[0]) > 1]
+    fmt = TaskFormat(label_words=(firsts[0], firsts[1][:-1]))
+    slow = evaluate_generation(model, tok, fmt, EXAMPLES, stop_when_decided=False, **run)
+    fast = evaluate_generation(model, tok, fmt, EXAMPLES, **run)
+    assert fast.predictions == slow.predictions and 0 in fast.predictions and None in fast.predictions
+    assert all(s.startswith(f) for f, s in zip(fast.generations, slow.generations))
+    assert sum(map(len, fast.generations)) < sum(map(len, slow.generations))
 
 
 @pytest.mark.parametrize("shared_prefix", [True, False])
@@ -205,11 +270,17 @@ def real():
 
 @pytest.mark.slow
 def test_real_model_batched_generation_equals_one_by_one(real):
-    """Left padding must not change what the real model (RoPE, GQA) generates."""
+    """Left padding and the shared-prefix cache must not change what the real model (RoPE, GQA)
+    generates; stopping once the labels are decided keeps a prefix of each text and its label."""
     model, tok, test = real
     examples = subsample(test, 6)
-    batched = evaluate_generation(model, tok, TaskFormat(), examples, batch_size=6, progress=False)
-    assert batched.generations == [greedy_alone(model, tok, TaskFormat(), e, 3) for e in examples]
+    alone = [greedy_alone(model, tok, TaskFormat(), e, 3) for e in examples]
+    batched = evaluate_generation(model, tok, TaskFormat(), examples, batch_size=6, progress=False,
+                                  stop_when_decided=False)
+    assert batched.generations == alone
+    stopped = evaluate_generation(model, tok, TaskFormat(), examples, batch_size=6, progress=False)
+    assert stopped.predictions == batched.predictions
+    assert all(a.startswith(s) for s, a in zip(stopped.generations, alone))
 
 
 @pytest.mark.slow

@@ -121,10 +121,14 @@ def test_report_to_tensorboard_writes_events(tiny_model_dir, small_dataset, tmp_
 def test_evaluate_checkpoint_json_and_other_model_error(tiny_model_dir, small_dataset, tmp_path, capsys):
     assert finetune(tiny_model_dir, small_dataset, tmp_path / "run") == 0
     capsys.readouterr()
-    for extra in ([], ["--scoring"]):
+    outs = {}
+    for extra in ([], ["--full-text"], ["--scoring"]):
         assert main(["evaluate", str(tmp_path / "run"), "--limit", "8", "--no-progress", "--json", *extra]) == 0
-        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        outs[tuple(extra)] = out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert {"accuracy", "unparseable", "n"} <= set(out) and out["n"] == 8
+    stopped, full = outs[()], outs[("--full-text",)]
+    assert stopped["predictions"] == full["predictions"]
+    assert all(f.startswith(s) for s, f in zip(stopped["generations"], full["generations"]))
     other = tmp_path / "gpt2"
     tiny("tiny-gpt2").save_pretrained(other)
     from transformers import AutoTokenizer

@@ -60,6 +60,44 @@ def parse_label(text: str, label_words) -> int | None:
     return None
 
 
+def label_decided(text: str, label_words, cleanup: bool = False) -> bool:
+    """Whether no continuation of ``text`` can change ``parse_label(text, label_words)``, so that
+    generation may stop there with the same prediction.
+
+    Still open: while a label word could grow out of the text (it is empty, "posit", "very "), while
+    a label word ends exactly at its end (the next character says whether it is a whole word), and
+    while the decoder may still rewrite its end: an incomplete UTF-8 character (U+FFFD), and with
+    ``cleanup`` (the tokenizer's ``clean_up_tokenization_spaces``) a space in the last three
+    characters, which " n't", " 's", " ." and the like delete.
+    """
+    if text.endswith("\ufffd") or (cleanup and " " in text[-3:]):
+        return False
+    head = text.lstrip().lower()
+    for label in label_words:
+        words = label.lower().split()
+        match = re.match(r"\s+".join(map(re.escape, words)), head)
+        if match is not None and match.end() == len(head):
+            return False
+        if match is None and _could_become(head, words):
+            return False
+    return True
+
+
+def _could_become(head: str, words: list[str]) -> bool:
+    """Whether ``head`` is a proper prefix of a text that starts with ``words`` separated by whitespace."""
+    rest = head
+    for k, word in enumerate(words):
+        if len(rest) <= len(word):
+            return word.startswith(rest)
+        if not rest.startswith(word) or k == len(words) - 1:
+            return False
+        after = rest[len(word):].lstrip()
+        if len(after) == len(rest) - len(word):  # no whitespace after a word that is not the last
+            return False
+        rest = after
+    return False
+
+
 def summarize(predictions: list[int | None], labels: list[int], n_labels: int, generations=(),
               seconds: float = 0.0) -> EvalResult:
     """Accuracy, unparseable count and confusion matrix; unparseable counts as wrong."""
@@ -119,7 +157,7 @@ def _encode(tokenizer, fmt: TaskFormat, examples: list[Example], max_length: int
 
 def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Example], *, batch_size: int = 16,
                         max_new_tokens: int = 3, max_length: int = 256, progress: bool = True,
-                        shared_prefix: bool = True) -> EvalResult:
+                        shared_prefix: bool = True, stop_when_decided: bool = True) -> EvalResult:
     """Greedy generation in length-sorted, left-padded batches with the KV cache; the new tokens
     are decoded and parsed with ``parse_label``.
 
@@ -127,7 +165,8 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
     ``generate`` derives position ids from the attention mask, so a padded row generates what it
     would alone. With ``shared_prefix``, the token prefix every prompt shares runs once: each
     batch starts from a copy of its KV cache, the padding sits between it and each prompt's own
-    tokens, and the mask hides it.
+    tokens, and the mask hides it. With ``stop_when_decided``, a batch stops as soon as every row's
+    label is ``label_decided`` (each generation is then a prefix of the full one, parsed the same).
     """
     items = _encode(tokenizer, fmt, examples, max_length)
     pad = _pad_id(tokenizer)
@@ -146,7 +185,8 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
                 ids = torch.cat([torch.tensor([batch[0].prompt_ids[:shared]]).expand(len(batch), -1), ids], 1)
                 mask = torch.cat([torch.ones(len(batch), shared, dtype=mask.dtype), mask], 1)
                 cache = _repeat_cache(prefix_cache, len(batch))
-            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+            stop = _stop_when_decided(tokenizer, fmt.label_words, ids.shape[1]) if stop_when_decided else None
+            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, stopping_criteria=stop,
                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
                                  eos_token_id=tokenizer.eos_token_id if eos is None else eos)
             for i, text in zip(idx, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
@@ -154,6 +194,20 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
     predictions = [parse_label(t, fmt.label_words) for t in texts]
     return summarize(predictions, [e.label for e in examples], len(fmt.label_words), texts,
                      time.perf_counter() - t0)
+
+
+def _stop_when_decided(tokenizer, label_words, prompt_width: int):
+    """A ``generate`` stopping criterion: a row is done once its new text's label is decided."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    cleanup = bool(getattr(tokenizer, "clean_up_tokenization_spaces", True))
+
+    class LabelDecided(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+            texts = tokenizer.batch_decode(input_ids[:, prompt_width:], skip_special_tokens=True)
+            return torch.tensor([label_decided(t, label_words, cleanup) for t in texts])
+
+    return StoppingCriteriaList([LabelDecided()])
 
 
 def evaluate_scoring(model, tokenizer, fmt: TaskFormat, examples: list[Example], *, batch_size: int = 16,

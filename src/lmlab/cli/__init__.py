@@ -244,7 +244,7 @@ def run_evaluate(args: argparse.Namespace):
     else:
         result = evaluate_generation(model, tokenizer, fmt, examples, batch_size=args.batch_size,
                                      max_new_tokens=args.max_new_tokens, max_length=args.max_length,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, stop_when_decided=not args.full_text)
     return result, fmt, dataset
 
 
@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare the label words' log-likelihoods in one forward pass instead of generating")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--max-new-tokens", type=_positive_int, default=3)
+    p.add_argument("--full-text", action="store_true",
+                   help="generate all --max-new-tokens even once every label is decided (same accuracy, "
+                        "whole texts in --json)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_generation_task_args(p)
