@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from lmlab.bpe import to_text, train
+from lmlab.io import write_json
 
 
 def hf_train(text: str, vocab_size: int):
@@ -59,8 +60,7 @@ def main() -> None:
                      "tokens": len(ids)})
     result = {"corpus": args.corpus, "chars": len(text), "rayon_threads": os.environ.get("RAYON_NUM_THREADS", "all"),
               "cpus": os.cpu_count(), "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"{len(text):,} characters; tokenizers threads: {result['rayon_threads']} of {os.cpu_count()}")
     print("| vocab | same merges / tokens | train lmlab | train tokenizers | ratio | encode lmlab | encode tokenizers | ratio |")
     print("|---|---|---|---|---|---|---|---|")

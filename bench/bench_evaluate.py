@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from lmlab.io import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "rotten_tomatoes"
 
@@ -118,8 +120,7 @@ def main(argv=None) -> int:
           f"(at {gflops:.0f} GFLOP/s the FLOPs allow at most {results['speedup_bound_generation']:.1f}x and "
           f"{results['speedup_bound_scoring']:.1f}x)", file=sys.stderr)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
     return 0
 
 

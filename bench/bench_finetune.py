@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from lmlab.io import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "rotten_tomatoes"
 
@@ -142,8 +144,7 @@ def main(argv=None) -> int:
     print(f"lmlab / peft+Trainer = {results['speedup']:.2f}x  (layers {spec.layers}, d {spec.hidden}, "
           f"matmul {gflops:.0f} GFLOP/s)", file=sys.stderr)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
     return 0
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from lmlab.io import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "rotten_tomatoes"
 
@@ -75,8 +77,7 @@ def main(argv=None) -> int:
             "max_abs_logprob_difference": (int8 - fp32).abs().max().item()}
     print(json.dumps(results, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
     return 0
 
 

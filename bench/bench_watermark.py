@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lmlab.generate import SamplingConfig, sample
+from lmlab.io import write_json
 from lmlab.models import load_model
 from lmlab.watermark import (
     GreenLists,
@@ -157,8 +158,7 @@ def main() -> None:
     result["detection_speed"] = green_list_speed(tokenizer, text_ids(tokenizer, all_text))
     prompts = Path(args.prompts).read_text().splitlines()
     result["generation"] = timings(model, tokenizer, prompts, args.rounds, args.tokens, args.batch) if args.rounds else {}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
 
     c = result["classification"]
     print(f"4-way accuracy {c['accuracy']:.1%} ({c['correct']}/{c['n']}); soft TPR at z>=4 {c['soft_tpr_at_z4']:.0%}, "
