@@ -165,13 +165,13 @@ def train_dpo(model, tokenizer, method_config, train_pairs: list[Pair], val_pair
     import random
 
     from lmlab import peft
-    from lmlab.io import atomic_dir, load_tensors, save_tensors, write_json
+    from lmlab.io import load_tensors, save_tensors, write_json
     from lmlab.train import (
-        STATE_FILE,
         _log_row,
         _progress,
         _resume,
         _rewrite_metrics,
+        _save_checkpoints,
         _save_last,
         _stop_requests,
         check_out_dir,
@@ -237,13 +237,8 @@ def train_dpo(model, tokenizer, method_config, train_pairs: list[Pair], val_pair
                     bar.set_postfix(margin=f"{val['margin']:.3f}", acc=f"{val['accuracy']:.2f}")
                 state.update(step=step, seconds=time.time() - start_time)
                 _log_row(out, row, None)
-                if is_eval and row["val_loss"] < state["best_val_loss"]:
-                    state.update(best_val_loss=row["val_loss"], best_step=step)
-                    with atomic_dir(out / "best") as tmp:
-                        peft.save(model, method_config, tmp)
-                        write_json(tmp / STATE_FILE, {"step": step, "val_loss": row["val_loss"]})
                 if is_eval:
-                    _save_last(out, model, method_config, optimizer, state)
+                    _save_checkpoints(out, model, method_config, optimizer, state, step, row["val_loss"])
             if stop.is_set():
                 state.update(step=step, seconds=time.time() - start_time)
                 _save_last(out, model, method_config, optimizer, state)

@@ -210,14 +210,9 @@ def train(model, tokenizer, method_config, train_items: list[Encoded], val_items
                 state.update(step=step, seconds=time.time() - start_time)
                 if accelerator.is_main_process:
                     _log_row(out, row, accelerator if cfg.report_to != "none" else None)
-                    unwrapped = accelerator.unwrap_model(model)
-                    if is_eval and row["val_loss"] < state["best_val_loss"]:
-                        state.update(best_val_loss=row["val_loss"], best_step=step)
-                        with atomic_dir(out / "best") as tmp:
-                            peft.save(unwrapped, method_config, tmp)
-                            write_json(tmp / STATE_FILE, {"step": step, "val_loss": row["val_loss"]})
                     if is_eval:
-                        _save_last(out, unwrapped, method_config, optimizer, state)
+                        _save_checkpoints(out, accelerator.unwrap_model(model), method_config, optimizer, state,
+                                          step, row["val_loss"])
                 accelerator.wait_for_everyone()
             if stop.is_set():  # SIGINT/SIGTERM: keep every completed step, then stop
                 state.update(step=step, seconds=time.time() - start_time)
@@ -269,6 +264,16 @@ class BatchSchedule:
             self._epoch = epoch
             self._batches = length_grouped_batches(self.lengths, self.batch_size, self.seed + epoch)
         return self._batches[pos * self.world + rank]
+
+
+def _save_checkpoints(out: Path, model, method_config, optimizer, state: dict, step: int, val_loss: float) -> None:
+    """After an evaluation: ``best`` (trainable weights only) if ``val_loss`` beats it, then ``last``."""
+    if val_loss < state["best_val_loss"]:
+        state.update(best_val_loss=val_loss, best_step=step)
+        with atomic_dir(out / "best") as tmp:
+            peft.save(model, method_config, tmp)
+            write_json(tmp / STATE_FILE, {"step": step, "val_loss": val_loss})
+    _save_last(out, model, method_config, optimizer, state)
 
 
 def _save_last(out: Path, model, method_config, optimizer, state: dict) -> None:
