@@ -112,36 +112,37 @@ def test_label_decided(words, text, decided):
     assert label_decided(text, words) is decided
 
 
-def test_label_decided_waits_for_the_tokenizers_cleanup():
-    """transformers' ``clean_up_tokenization`` turns " positive n't" into " positiven't" (unparseable)
-    once the last token arrives: with ``cleanup`` a space near the end keeps the label open."""
-    words = ("negative", "positive")
-    assert label_decided(" positive ", words) and not label_decided(" positive ", words, cleanup=True)
-    assert not label_decided(" positive n'", words, cleanup=True)
-    assert label_decided(" positive now", words, cleanup=True)
+def test_no_early_stop_when_the_decoder_cleans_up_spaces(tokenizer):
+    """transformers' clean-up can rewrite decoded text when a later token arrives (" a ' " then
+    " ." decodes as " a '."), so such a tokenizer generates every token."""
+    from lmlab.evaluate import _stop_when_decided
+
+    assert _stop_when_decided(tokenizer, ("negative", "positive"), 10) is not None
+    cleaning = copy.copy(tokenizer)
+    cleaning.clean_up_tokenization_spaces = True
+    assert _stop_when_decided(cleaning, ("negative", "positive"), 10) is None
 
 
 SUFFIXES = ["", "ly", "s", " ", ".", "\n", "_x", " enough", " bad", "é", "ough", " n't"]
-TEXTS_TO_CUT = [" positive. Great", " positively", "negative\n", " Neutral", "  posit", " I think",
+TEXTS_TO_CUT = [" ΘΕΤΙΚΟΣ.Ο", " Θετικός!", " positive. Great", " positively", "negative\n", " Neutral", "  posit", " I think",
                 " very bad film", " very  badly", "good enough.", "good, enough", " good enough", "5 stars!"]
 
 
-@pytest.mark.parametrize("cleanup", [False, True])
 @pytest.mark.parametrize("words", [("negative", "positive"), ("very bad", "quite good"), ("good", "good enough"),
-                                   ("1 star", "5 stars")])
-def test_label_decided_means_no_continuation_changes_the_label(words, cleanup):
+                                   ("1 star", "5 stars"), ("ΘΕΤΙΚΟΣ", "ΑΡΝΗΤΙΚΟΣ")])
+def test_label_decided_means_no_continuation_changes_the_label(words):
     """Every prefix judged decided parses like each of its continuations (the whole text and a table
     of suffixes), and every whole text that ends in punctuation is decided."""
     checked = 0
     for whole in TEXTS_TO_CUT:
         for cut in range(len(whole) + 1):
             text = whole[:cut]
-            if label_decided(text, words, cleanup):
+            if label_decided(text, words):
                 checked += 1
                 for later in [whole, *(text + s for s in SUFFIXES)]:
                     assert parse_label(later, words) == parse_label(text, words), (text, later)
         if whole[-1] in ".!\n":
-            assert label_decided(whole, words, cleanup)
+            assert label_decided(whole, words)
     assert checked > 20
 
 
@@ -190,6 +191,7 @@ def test_generation_stops_once_every_label_is_decided(tiny_lm):
     run = {"batch_size": 4, "max_new_tokens": 4, "progress": False}
     full = evaluate_generation(model, tok, TaskFormat(), EXAMPLES, stop_when_decided=False, **run).generations
     firsts = [g.split()[0] for g in full if g.split() and g.split()[0].isalpha() and len(g.split()[0]) > 1]
+    assert len(firsts) >= 2, full  # two usable words, else the test could not exercise anything
     fmt = TaskFormat(label_words=(firsts[0], firsts[1][:-1]))
     slow = evaluate_generation(model, tok, fmt, EXAMPLES, stop_when_decided=False, **run)
     fast = evaluate_generation(model, tok, fmt, EXAMPLES, **run)

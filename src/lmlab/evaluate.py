@@ -50,31 +50,31 @@ def parse_label(text: str, label_words) -> int | None:
     """The label whose word starts ``text`` (leading space and case ignored, whole word), else None.
 
     Longer label words are tried first, so ("good", "good enough") reads "good enough." as the
-    second; the words of a multi-word label may be separated by any whitespace.
+    second; the words of a multi-word label may be separated by any whitespace. Case is ignored by
+    ``casefold``, which unlike ``lower`` maps each character alone (``lower`` writes a Greek
+    capital sigma as final or not by what follows it).
     """
-    head = text.lstrip().lower()
+    head = text.lstrip().casefold()
     for i in sorted(range(len(label_words)), key=lambda i: -len(label_words[i])):
-        pattern = r"\s+".join(map(re.escape, label_words[i].lower().split()))
+        pattern = r"\s+".join(map(re.escape, label_words[i].casefold().split()))
         if re.match(pattern + r"(?!\w)", head):
             return i
     return None
 
 
-def label_decided(text: str, label_words, cleanup: bool = False) -> bool:
+def label_decided(text: str, label_words) -> bool:
     """Whether no continuation of ``text`` can change ``parse_label(text, label_words)``, so that
     generation may stop there with the same prediction.
 
     Still open: while a label word could grow out of the text (it is empty, "posit", "very "), while
     a label word ends exactly at its end (the next character says whether it is a whole word), and
-    while the decoder may still rewrite its end: an incomplete UTF-8 character (U+FFFD), and with
-    ``cleanup`` (the tokenizer's ``clean_up_tokenization_spaces``) a space in the last three
-    characters, which " n't", " 's", " ." and the like delete.
+    while it ends in half a UTF-8 character (U+FFFD, which the next token may make a letter).
     """
-    if text.endswith("\ufffd") or (cleanup and " " in text[-3:]):
+    if text.endswith("\ufffd"):
         return False
-    head = text.lstrip().lower()
+    head = text.lstrip().casefold()
     for label in label_words:
-        words = label.lower().split()
+        words = label.casefold().split()
         match = re.match(r"\s+".join(map(re.escape, words)), head)
         if match is not None and match.end() == len(head):
             return False
@@ -197,15 +197,20 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
 
 
 def _stop_when_decided(tokenizer, label_words, prompt_width: int):
-    """A ``generate`` stopping criterion: a row is done once its new text's label is decided."""
+    """A ``generate`` stopping criterion: a row is done once its new text's label is decided.
+
+    None for a tokenizer that cleans up spaces when decoding: a later token can then rewrite text
+    already decoded (" positive '" then " ." reads " positive '."), so no point is safe to stop at.
+    """
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    cleanup = bool(getattr(tokenizer, "clean_up_tokenization_spaces", True))
+    if getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return None
 
     class LabelDecided(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
             texts = tokenizer.batch_decode(input_ids[:, prompt_width:], skip_special_tokens=True)
-            return torch.tensor([label_decided(t, label_words, cleanup) for t in texts])
+            return torch.tensor([label_decided(t, label_words) for t in texts], device=input_ids.device)
 
     return StoppingCriteriaList([LabelDecided()])
 
