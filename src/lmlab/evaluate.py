@@ -229,29 +229,26 @@ def label_logprobs(model, tokenizer, fmt: TaskFormat, examples: list[Example], *
                    max_length: int = 256, progress: bool = False, shared_prefix: bool = True) -> torch.Tensor:
     """log p(label tokens | prompt) for every example and label, summed over a label's tokens; (N, L).
 
-    When every label word is one token, one forward of the prompt with the LM head on the last
-    position only (``logits_to_keep=1``) scores all labels: SmolLM2's 49k-wide head costs 57 MFLOP
-    a position against 213 for the body, so running it on 1 position instead of all ~46 saves ~20%.
-    Otherwise each label's completion gets its own forward over prompt + completion, the head on
-    its last k + 1 positions. With ``shared_prefix``, the token prefix every prompt shares (the
-    template's instruction) runs once and its KV cache is reused by every batch.
+    Each prompt runs once and the LM head only where a label token is predicted: on the prompt's
+    last position for every label's first token (SmolLM2's 49k-wide head costs 57 MFLOP a position
+    against 213 for the body, so 1 position instead of all ~46 saves ~20%), and for a label of
+    k > 1 tokens on its first k - 1 tokens, run after the prompt's KV cache (cut back to the prompt
+    for the next label): a label costs k - 1 positions, not the prompt again. With
+    ``shared_prefix``, the token prefix every prompt shares (the template's instruction) runs once
+    and its KV cache is reused by every batch.
     """
     items = _encode(tokenizer, fmt, examples, max_length)
     completions = label_token_ids(tokenizer, fmt)
     pad = _pad_id(tokenizer)
     scores = torch.empty(len(items), len(completions))  # (N, L)
-    single = all(len(c) == 1 for c in completions)
-    shared = shared_prefix_length([it.prompt_ids for it in items]) if single and shared_prefix else 0
+    shared = shared_prefix_length([it.prompt_ids for it in items]) if shared_prefix else 0
     with _inference(model):
         prefix_cache = _prefix_cache(model, items[0].prompt_ids[:shared]) if shared else None
         for idx in _batches(items, batch_size, "scoring", progress):
-            batch = [items[i] for i in idx]
-            if single:
-                last = _last_logits(model, batch, pad, shared, prefix_cache)  # (B, V)
-                scores[idx] = last.float().log_softmax(-1)[:, [c[0] for c in completions]]  # (B, L)
-            else:
-                for j, completion in enumerate(completions):
-                    scores[idx, j] = _completion_logprob(model, batch, completion, pad)
+            logits, cache, mask, next_pos = _prompt_forward(model, [items[i] for i in idx], pad, shared, prefix_cache)
+            first = logits.float().log_softmax(-1)  # (B, V)
+            for j, completion in enumerate(completions):
+                scores[idx, j] = first[:, completion[0]] + _continuation_logprob(model, completion, cache, mask, next_pos)
     return scores
 
 
@@ -274,36 +271,41 @@ def _repeat_cache(cache, batch_size: int):
     return cache
 
 
-def _last_logits(model, batch: list[Encoded], pad_id: int, shared: int, prefix_cache) -> torch.Tensor:
-    """Next-token logits after each prompt of ``batch``; (B, V). Without a prefix cache: left
-    padding and the head on the last column. With one: the prompts' own tokens, right-padded, go
-    after a copy of the cache, and the head runs on each row's last real position only."""
+def _prompt_forward(model, batch: list[Encoded], pad_id: int, shared: int, prefix_cache):
+    """Run the prompts of ``batch``: their next-token logits (B, V), KV cache, its attention mask
+    (B, T) and each row's next position (B,). Without a prefix cache the prompts are left-padded,
+    so each ends in the last column; with one, their own tokens go right-padded after a copy of it.
+    The head runs on each row's last real position only."""
     if prefix_cache is None:
         ids, mask, pos, _ = left_pad_batch(batch, pad_id, with_completion=False)
-        return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
-    tails = [b.prompt_ids[shared:] for b in batch]
-    width = max(map(len, tails))
-    ids = torch.tensor([t + [pad_id] * (width - len(t)) for t in tails])
-    mask = torch.tensor([[1] * (shared + len(t)) + [0] * (width - len(t)) for t in tails])
-    pos = torch.arange(shared, shared + width).expand(len(batch), -1)
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                              past_key_values=_repeat_cache(prefix_cache, len(batch)),
-                              use_cache=True).last_hidden_state  # (B, width, d)
-    last = torch.tensor([len(t) - 1 for t in tails])
-    return model.get_output_embeddings()(hidden[torch.arange(len(batch)), last].contiguous())
+        cache, last = None, torch.full((len(batch),), ids.shape[1] - 1)
+    else:
+        tails = [b.prompt_ids[shared:] for b in batch]
+        width = max(map(len, tails))
+        ids = torch.tensor([t + [pad_id] * (width - len(t)) for t in tails])
+        mask = torch.tensor([[1] * (shared + len(t)) + [0] * (width - len(t)) for t in tails])
+        pos = torch.arange(shared, shared + width).expand(len(batch), -1)
+        cache, last = _repeat_cache(prefix_cache, len(batch)), torch.tensor([len(t) - 1 for t in tails])
+    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                           use_cache=True)
+    rows = torch.arange(len(batch))
+    logits = model.get_output_embeddings()(out.last_hidden_state[rows, last].contiguous())
+    return logits, out.past_key_values, mask, pos[rows, last] + 1
 
 
-def _completion_logprob(model, batch: list[Encoded], completion: list[int], pad_id: int) -> torch.Tensor:
-    """Sum of log p(completion tokens | prompt) for each prompt of ``batch``; (B,).
-
-    Left padding puts the k completion tokens in the last k columns; the logits at the k columns
-    before them (the last prompt token on) predict them.
-    """
-    k = len(completion)
-    ids, mask, pos, labels = left_pad_batch([Encoded(b.prompt_ids, completion, 0) for b in batch], pad_id)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=k + 1).logits[:, :-1]
-    logp = logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, k)
-    return logp.sum(-1)
+def _continuation_logprob(model, completion: list[int], cache, mask: torch.Tensor, next_pos: torch.Tensor):
+    """Sum of log p(completion[t] | prompt, completion[:t]) over t >= 1 for each row, with the
+    prompts in ``cache``, which is left as it was found; (B,)."""
+    rows, k = mask.shape[0], len(completion) - 1
+    if k == 0:
+        return torch.zeros(rows)
+    hidden = model.base_model(input_ids=torch.tensor([completion[:-1]]).expand(rows, -1),
+                              attention_mask=torch.cat([mask, mask.new_ones(rows, k)], 1),
+                              position_ids=next_pos[:, None] + torch.arange(k), past_key_values=cache,
+                              use_cache=True).last_hidden_state  # (B, k, d)
+    cache.crop(-k)  # the next label continues the prompt, not this one
+    logp = model.get_output_embeddings()(hidden).float().log_softmax(-1)  # (B, k, V)
+    return logp.gather(-1, torch.tensor([completion[1:]]).expand(rows, -1).unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
 def format_report(result: EvalResult, label_words) -> str:
