@@ -61,7 +61,7 @@ def compute_bound(model, tokenizer, fmt, examples, max_new_tokens: int, gflops: 
     2 x non-embedding parameters for each prompt token after the shared prefix, plus the LM head on
     the last position (scoring) and a whole token per further generated token (generation)."""
     from lmlab.data import encode
-    from lmlab.evaluate import shared_prefix_length
+    from lmlab.kvcache import shared_prefix_length
 
     prompts = [it.prompt_ids for it in encode(tokenizer, fmt, examples)]
     own = sum(len(p) for p in prompts) / len(prompts) - shared_prefix_length(prompts)

@@ -17,9 +17,9 @@ from lmlab.evaluate import (
     label_decided,
     label_logprobs,
     parse_label,
-    shared_prefix_length,
     summarize,
 )
+from lmlab.kvcache import shared_prefix_length
 from lmlab.models import build_model, preset_config
 
 TEXTS = ["a gripping , funny film", "dull", "the plot goes nowhere and the actors seem bored throughout",

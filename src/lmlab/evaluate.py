@@ -8,7 +8,6 @@ log-likelihoods after the prompt in one forward pass per batch, so it can never 
 
 from __future__ import annotations
 
-import copy
 import re
 import time
 from contextlib import contextmanager
@@ -25,6 +24,12 @@ from lmlab.data import (
     left_pad_batch,
 )
 from lmlab.errors import LmlabError
+from lmlab.kvcache import (
+    prefix_cache,
+    prefixed_left_pad,
+    repeat_cache,
+    shared_prefix_length,
+)
 
 
 @dataclass(frozen=True)
@@ -175,16 +180,10 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
     texts = [""] * len(items)
     t0 = time.perf_counter()
     with _inference(model):
-        prefix_cache = _prefix_cache(model, items[0].prompt_ids[:shared]) if shared else None
+        prefix = prefix_cache(model, items[0].prompt_ids[:shared]) if shared else None
         for idx in _batches(items, batch_size, "generating", progress):
-            batch = [items[i] for i in idx]
-            tails = [Encoded(it.prompt_ids[shared:], [], it.label) for it in batch]
-            ids, mask, _, _ = left_pad_batch(tails, pad, with_completion=False)  # (B, T)
-            cache = None
-            if shared:
-                ids = torch.cat([torch.tensor([batch[0].prompt_ids[:shared]]).expand(len(batch), -1), ids], 1)
-                mask = torch.cat([torch.ones(len(batch), shared, dtype=mask.dtype), mask], 1)
-                cache = _repeat_cache(prefix_cache, len(batch))
+            ids, mask = prefixed_left_pad([items[i].prompt_ids for i in idx], shared, pad)  # (B, T)
+            cache = repeat_cache(prefix, len(idx)) if shared else None
             stop = _stop_when_decided(tokenizer, fmt.label_words, ids.shape[1]) if stop_when_decided else None
             out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, stopping_criteria=stop,
                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
@@ -243,40 +242,21 @@ def label_logprobs(model, tokenizer, fmt: TaskFormat, examples: list[Example], *
     scores = torch.empty(len(items), len(completions))  # (N, L)
     shared = shared_prefix_length([it.prompt_ids for it in items]) if shared_prefix else 0
     with _inference(model):
-        prefix_cache = _prefix_cache(model, items[0].prompt_ids[:shared]) if shared else None
+        prefix = prefix_cache(model, items[0].prompt_ids[:shared]) if shared else None
         for idx in _batches(items, batch_size, "scoring", progress):
-            logits, cache, mask, next_pos = _prompt_forward(model, [items[i] for i in idx], pad, shared, prefix_cache)
+            logits, cache, mask, next_pos = _prompt_forward(model, [items[i] for i in idx], pad, shared, prefix)
             first = logits.float().log_softmax(-1)  # (B, V)
             for j, completion in enumerate(completions):
                 scores[idx, j] = first[:, completion[0]] + _continuation_logprob(model, completion, cache, mask, next_pos)
     return scores
 
 
-def shared_prefix_length(prompts: list[list[int]], minimum: int = 4) -> int:
-    """Tokens at the start of every prompt, leaving each at least one of its own; 0 if < ``minimum``."""
-    first, n = prompts[0], min(len(p) for p in prompts) - 1
-    for p in prompts[1:]:
-        n = next((i for i in range(n) if p[i] != first[i]), n)
-    return n if n >= minimum else 0
-
-
-def _prefix_cache(model, prefix: list[int]):
-    return model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
-
-
-def _repeat_cache(cache, batch_size: int):
-    """A copy of a one-row KV cache with ``batch_size`` rows (the original is reused by every batch)."""
-    cache = copy.deepcopy(cache)
-    cache.batch_repeat_interleave(batch_size)
-    return cache
-
-
-def _prompt_forward(model, batch: list[Encoded], pad_id: int, shared: int, prefix_cache):
+def _prompt_forward(model, batch: list[Encoded], pad_id: int, shared: int, prefix):
     """Run the prompts of ``batch``: their next-token logits (B, V), KV cache, its attention mask
     (B, T) and each row's next position (B,). Without a prefix cache the prompts are left-padded,
     so each ends in the last column; with one, their own tokens go right-padded after a copy of it.
     The head runs on each row's last real position only."""
-    if prefix_cache is None:
+    if prefix is None:
         ids, mask, pos, _ = left_pad_batch(batch, pad_id, with_completion=False)
         cache, last = None, torch.full((len(batch),), ids.shape[1] - 1)
     else:
@@ -285,7 +265,7 @@ def _prompt_forward(model, batch: list[Encoded], pad_id: int, shared: int, prefi
         ids = torch.tensor([t + [pad_id] * (width - len(t)) for t in tails])
         mask = torch.tensor([[1] * (shared + len(t)) + [0] * (width - len(t)) for t in tails])
         pos = torch.arange(shared, shared + width).expand(len(batch), -1)
-        cache, last = _repeat_cache(prefix_cache, len(batch)), torch.tensor([len(t) - 1 for t in tails])
+        cache, last = repeat_cache(prefix, len(batch)), torch.tensor([len(t) - 1 for t in tails])
     out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                            use_cache=True)
     rows = torch.arange(len(batch))

@@ -51,17 +51,25 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 
 def sample(model, tokenizer, prompts: list[str] | list[list[int]], config: SamplingConfig, *, logits_processors=(),
-           progress: bool = True) -> list[list[str]]:
+           progress: bool = True, shared_prefix: bool = True) -> list[list[str]]:
     """``config.samples`` decoded continuations (new tokens only) per prompt, in prompt order.
     A prompt is a string or a list of token ids (taken as is). Encoder-decoder models (T5) work too.
 
     Prompts are sorted by length and left-padded in batches; the global RNG is forked, seeded and
     restored, so the same seed gives the same texts and the caller's random state is untouched.
+    With ``shared_prefix`` (decoder-only models), the tokens every prompt starts with (few-shot
+    exemplars, an instruction) run once and each batch starts from their KV cache (``lmlab.kvcache``).
     """
     from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
 
     from lmlab.evaluate import _inference, _pad_id
+    from lmlab.kvcache import (
+        prefix_cache,
+        prefixed_left_pad,
+        repeat_cache,
+        shared_prefix_length,
+    )
 
     if not prompts:
         raise LmlabError("no prompts")
@@ -82,19 +90,22 @@ def sample(model, tokenizer, prompts: list[str] | list[list[int]], config: Sampl
         options.update(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
     if config.stop_strings:
         options.update(stop_strings=list(config.stop_strings), tokenizer=tokenizer)
+    shared = shared_prefix_length(encoded) if shared_prefix and decoder_only and len(encoded) > 1 else 0
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs: list[list[str]] = [[] for _ in prompts]
     with torch.random.fork_rng(devices=[]), _inference(model), \
             tqdm(total=len(prompts) * config.samples, disable=not progress, desc="generating", unit="text",
                  dynamic_ncols=True) as bar:
+        prefix = prefix_cache(model, encoded[0][:shared]) if shared else None
         torch.manual_seed(config.seed)
         for start in range(0, len(order), config.batch_size):
             idx = order[start:start + config.batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx])  # (B, T)
-            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx])
-            out = model.generate(input_ids=ids, attention_mask=mask, **options)  # (B * samples, T + new)
-            texts = tokenizer.batch_decode(out[:, width:] if decoder_only else out, skip_special_tokens=True)
+            ids, mask = prefixed_left_pad([encoded[i] for i in idx], shared, pad)  # (B, T)
+            # generate repeats each row ``samples`` times but not a cache; the prefix is the same for all
+            cache = repeat_cache(prefix, len(idx) * config.samples) if shared else None
+            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                 **options)  # (B * samples, T + new)
+            texts = tokenizer.batch_decode(out[:, ids.shape[1]:] if decoder_only else out, skip_special_tokens=True)
             for row, i in enumerate(idx):
                 outputs[i] = texts[row * config.samples:(row + 1) * config.samples]
             bar.update(len(idx) * config.samples)
