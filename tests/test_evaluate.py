@@ -37,12 +37,13 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(embedded_model_dir())
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "llama+lora"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "llama+lora", "llama+prefix"])
 def tiny_lm(request, tokenizer):
     """A tiny random model with weights large enough (std 0.3, not 0.02) that what it generates and
     which label it prefers depend on the input. GPT-2's absolute positions catch wrong position
     ids (RoPE forgives a constant shift). "+lora" has random B and dropout and is left in train
-    mode, so evaluation must switch it to eval; its reference is a merge_and_unload copy.
+    mode, so evaluation must switch it to eval; its reference is a merge_and_unload copy. "+prefix"
+    has random virtual tokens in every attention layer, next to the shared-prefix KV cache.
     Returns (model, tokenizer, reference model)."""
     config = preset_config("tiny-gpt2" if request.param == "gpt2" else "tiny-llama")
     config.initializer_range = 0.3
@@ -53,6 +54,12 @@ def tiny_lm(request, tokenizer):
         lora.apply(model, lora.LoraConfig(r=4, dropout=0.5, target_modules=("q_proj", "v_proj", "down_proj")))
         randomize([p for n, p in model.named_parameters() if "lora_B" in n], std=0.3)
         return model.train(), tokenizer, lora.merge_and_unload(copy.deepcopy(model)).eval()
+    if request.param == "llama+prefix":  # its virtual tokens live in attention, beside any KV cache
+        from lmlab.peft import prefix
+
+        prefix.apply(model, prefix.PrefixConfig(length=3))
+        randomize([p for p in model.parameters() if p.requires_grad], std=0.3)
+        return model.eval(), tokenizer, model
     return model.eval(), tokenizer, model
 
 

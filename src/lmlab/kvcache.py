@@ -23,8 +23,8 @@ def shared_prefix_length(prompts: list[list[int]], minimum: int = 4) -> int:
 
 
 def prefix_cache(model, prefix: list[int]):
-    """The KV cache of one row holding ``prefix``."""
-    return model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
+    """The KV cache of one row holding ``prefix`` (the body only: no logits are needed)."""
+    return model.base_model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
 
 
 def repeat_cache(cache, rows: int):
