@@ -37,15 +37,21 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(embedded_model_dir())
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "llama+lora", "llama+prefix"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "llama+lora", "llama+prefix", "mistral-window-8"])
 def tiny_lm(request, tokenizer):
     """A tiny random model with weights large enough (std 0.3, not 0.02) that what it generates and
     which label it prefers depend on the input. GPT-2's absolute positions catch wrong position
     ids (RoPE forgives a constant shift). "+lora" has random B and dropout and is left in train
     mode, so evaluation must switch it to eval; its reference is a merge_and_unload copy. "+prefix"
-    has random virtual tokens in every attention layer, next to the shared-prefix KV cache.
+    has random virtual tokens in every attention layer, next to the shared-prefix KV cache; the
+    Mistral's sliding window of 8 is shorter than every prompt.
     Returns (model, tokenizer, reference model)."""
-    config = preset_config("tiny-gpt2" if request.param == "gpt2" else "tiny-llama")
+    if request.param == "mistral-window-8":  # a sliding window shorter than the prompts
+        from test_generate import sliding_mistral
+
+        config = sliding_mistral()
+    else:
+        config = preset_config("tiny-gpt2" if request.param == "gpt2" else "tiny-llama")
     config.initializer_range = 0.3
     model = build_model(config)
     if request.param == "llama+lora":
@@ -223,6 +229,25 @@ def test_scoring_equals_naive_likelihood(tiny_lm, words, shared_prefix):
     result = evaluate_scoring(model, tok, fmt, examples, batch_size=4, progress=False)
     assert result.predictions == scores.argmax(-1).tolist()
     assert result.unparseable == 0 and result.generations == []
+
+
+def test_scoring_follows_an_unfolded_prefix_mlp_after_a_step(tokenizer):
+    """Prefix tuning with its MLP recomputes the prefixes in a hook on the whole model: scoring
+    (and its shared-prefix cache) must go through it, or it scores with the prefixes of before."""
+    from lmlab.peft import prefix
+
+    config = preset_config("tiny-llama")
+    config.initializer_range = 0.3
+    model = prefix.apply(build_model(config), prefix.PrefixConfig(length=3, hidden=8))
+    fmt = TaskFormat(label_words=("good", "very good indeed"))
+    label_logprobs(model, tokenizer, fmt, EXAMPLES[:3])  # builds whatever it caches
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+    after = label_logprobs(model, tokenizer, fmt, EXAMPLES[:3])
+    expected = torch.tensor([naive_scores(model.eval(), tokenizer, fmt, e) for e in EXAMPLES[:3]])
+    assert torch.allclose(after, expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("prompts,expected", [

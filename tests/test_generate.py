@@ -1,17 +1,17 @@
-"""Batched sampling: prompts that share a prefix give the same texts through its KV cache as
-without it, and greedy batches give what each prompt gives alone; on Llama (RoPE) and GPT-2
-(absolute positions, which catch wrong position ids)."""
+"""Batched sampling through the shared-prefix KV cache (``lmlab.kvcache``) gives what it gives
+without: greedy and sampled, on Llama (RoPE), GPT-2 (absolute positions) and a sliding-window
+Mistral, with logits processors and stop strings that look back into the prompt."""
 
 import pytest
 import torch
 
 from lmlab.generate import SamplingConfig, sample
-from lmlab.kvcache import prefixed_left_pad, shared_prefix_length
+from lmlab.kvcache import left_padded_cache, prefix_cache, shared_prefix_length
 from lmlab.models import build_model, preset_config
 
-SHOTS = "Question: two plus two?\nAnswer: 4\n\nQuestion: three plus one?\nAnswer: 4\n\n"
-PROMPTS = [SHOTS + f"Question: {q}\nAnswer:" for q in
-           ("five minus two?", "what is six times seven, if you count slowly?", "one?", "ten over two plus a half?")]
+SHOTS = "Question: two plus two?\nAnswer: 4\n\nQuestion: three plus one?\nAnswer: 4\n\nQuestion:"
+PROMPTS = [SHOTS + q for q in (" five minus two?\nAnswer:", " what is six times seven, if you count slowly?",
+                               " a", " ten over two plus a half?\nAnswer:")]
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,23 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(embedded_model_dir())
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
+def sliding_mistral():
+    from transformers import MistralConfig
+
+    return MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=49152, sliding_window=8, pad_token_id=2)
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2", "mistral-window-8"])
 def model(request):
-    config = preset_config(request.param)
+    config = sliding_mistral() if request.param == "mistral-window-8" else preset_config(request.param)
     config.initializer_range = 0.3  # large enough weights that the text depends on the prompt
     return build_model(config).eval()
+
+
+def both(model, tokenizer, config, **kwargs):
+    cached = sample(model, tokenizer, PROMPTS, config, progress=False, **kwargs)
+    return cached, sample(model, tokenizer, PROMPTS, config, progress=False, shared_prefix=False, **kwargs)
 
 
 def alone(model, tokenizer, prompt: str, n: int) -> str:
@@ -44,25 +56,43 @@ def test_prompts_share_a_prefix(tokenizer):
 
 
 def test_greedy_through_the_prefix_cache_equals_each_prompt_alone(model, tokenizer):
-    config = SamplingConfig(max_new_tokens=6, temperature=0, batch_size=3)
-    cached = [t[0] for t in sample(model, tokenizer, PROMPTS, config, progress=False)]
-    plain = [t[0] for t in sample(model, tokenizer, PROMPTS, config, progress=False, shared_prefix=False)]
-    expected = [alone(model, tokenizer, p, 6) for p in PROMPTS]
-    assert cached == plain == expected and len(set(expected)) > 2
+    cached, plain = both(model, tokenizer, SamplingConfig(max_new_tokens=6, temperature=0, batch_size=3))
+    expected = [[alone(model, tokenizer, p, 6)] for p in PROMPTS]
+    assert cached == plain == expected and len({t[0] for t in expected}) > 2
 
 
 def test_sampling_through_the_prefix_cache_gives_the_same_samples(model, tokenizer):
-    """Several samples per prompt: ``generate`` repeats each row but not the cache, which must
-    have a row per sample."""
-    config = SamplingConfig(max_new_tokens=6, temperature=1.0, samples=2, seed=5, batch_size=2)
-    cached = sample(model, tokenizer, PROMPTS, config, progress=False)
-    assert cached == sample(model, tokenizer, PROMPTS, config, progress=False, shared_prefix=False)
-    assert all(len(texts) == 2 for texts in cached) and len({t for texts in cached for t in texts}) > 4
+    """Several samples per prompt: ``generate`` repeats each row but not the cache."""
+    cached, plain = both(model, tokenizer, SamplingConfig(max_new_tokens=6, samples=2, seed=5, batch_size=2))
+    assert cached == plain and all(len(t) == 2 for t in cached) and len({s for t in cached for s in t}) > 4
 
 
-def test_prefixed_left_pad():
-    ids, mask = prefixed_left_pad([[7, 8, 1], [7, 8, 2, 3, 4]], shared=2, pad_id=0)
-    assert ids.tolist() == [[7, 8, 0, 0, 1], [7, 8, 2, 3, 4]]
-    assert mask.tolist() == [[1, 1, 0, 0, 1], [1, 1, 1, 1, 1]]
-    ids, mask = prefixed_left_pad([[5], [6, 7]], shared=0, pad_id=9)
-    assert ids.tolist() == [[9, 5], [6, 7]] and mask.tolist() == [[0, 1], [1, 1]]
+def test_processors_and_stop_strings_see_the_same_ids(model, tokenizer):
+    """transformers' watermark hashing the 4 tokens before each new one, and a stop string that
+    starts inside the shared prefix, must see the prompt, not padding."""
+    from transformers import WatermarkLogitsProcessor
+
+    first = [t[0] for t in sample(model, tokenizer, PROMPTS, SamplingConfig(max_new_tokens=1, temperature=0),
+                                  progress=False)]
+    watermark = WatermarkLogitsProcessor(vocab_size=model.config.vocab_size, device="cpu", seeding_scheme="selfhash",
+                                         context_width=4, bias=20.0)
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0)
+    cached, plain = both(model, tokenizer, greedy, logits_processors=[watermark])
+    assert cached == plain
+    stop = SamplingConfig(max_new_tokens=8, temperature=0, stop_strings=(":" + " a" + first[2],))
+    cached, plain = both(model, tokenizer, stop)
+    assert cached == plain and len(cached[2][0]) < len(cached[0][0]) + len(cached[1][0])
+
+
+def test_left_padded_cache_moves_each_row_right(model, tokenizer):
+    ids = tokenizer(SHOTS)["input_ids"]
+    with torch.no_grad():
+        cache = prefix_cache(model, ids)
+    if getattr(model.config, "sliding_window", None):
+        assert cache is None  # its layers keep only the window: nothing to move, no prefix cache
+        return
+    moved = left_padded_cache(cache, [0, 3, len(ids) + 2])
+    keys, out = cache.layers[0].keys, moved.layers[0].keys  # (rows, heads, len, head_dim)
+    assert out.shape[0] == 3 and torch.equal(out[0], keys[0])
+    assert torch.equal(out[1, :, 3:], keys[0, :, :-3]) and not out[1, :, :3].any() and not out[2].any()
+    assert cache.layers[0].keys.shape[0] == 1  # the original still serves the next batch

@@ -8,6 +8,7 @@ log-likelihoods after the prompt in one forward pass per batch, so it can never 
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from contextlib import contextmanager
@@ -24,12 +25,7 @@ from lmlab.data import (
     left_pad_batch,
 )
 from lmlab.errors import LmlabError
-from lmlab.kvcache import (
-    prefix_cache,
-    prefixed_left_pad,
-    repeat_cache,
-    shared_prefix_length,
-)
+from lmlab.kvcache import left_padded_cache, prefix_cache, shared_prefix_length
 
 
 @dataclass(frozen=True)
@@ -168,9 +164,8 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
 
     Left padding puts every prompt's last token in the last column, where generation continues;
     ``generate`` derives position ids from the attention mask, so a padded row generates what it
-    would alone. With ``shared_prefix``, the token prefix every prompt shares runs once: each
-    batch starts from a copy of its KV cache, the padding sits between it and each prompt's own
-    tokens, and the mask hides it. With ``stop_when_decided``, a batch stops as soon as every row's
+    would alone. With ``shared_prefix``, the token prefix every prompt shares runs once and each
+    batch starts from copies of its KV cache (``lmlab.kvcache``). With ``stop_when_decided``, a batch stops as soon as every row's
     label is ``label_decided`` (each generation is then a prefix of the full one, parsed the same).
     """
     items = _encode(tokenizer, fmt, examples, max_length)
@@ -182,8 +177,8 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
     with _inference(model):
         prefix = prefix_cache(model, items[0].prompt_ids[:shared]) if shared else None
         for idx in _batches(items, batch_size, "generating", progress):
-            ids, mask = prefixed_left_pad([items[i].prompt_ids for i in idx], shared, pad)  # (B, T)
-            cache = repeat_cache(prefix, len(idx)) if shared else None
+            ids, mask, _, _ = left_pad_batch([items[i] for i in idx], pad, with_completion=False)  # (B, T)
+            cache = left_padded_cache(prefix, (mask == 0).sum(1).tolist()) if prefix is not None else None
             stop = _stop_when_decided(tokenizer, fmt.label_words, ids.shape[1]) if stop_when_decided else None
             out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, stopping_criteria=stop,
                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
@@ -231,8 +226,8 @@ def label_logprobs(model, tokenizer, fmt: TaskFormat, examples: list[Example], *
     Each prompt runs once and the LM head only where a label token is predicted: on the prompt's
     last position for every label's first token (SmolLM2's 49k-wide head costs 57 MFLOP a position
     against 213 for the body, so 1 position instead of all ~46 saves ~20%), and for a label of
-    k > 1 tokens on its first k - 1 tokens, run after the prompt's KV cache (cut back to the prompt
-    for the next label): a label costs k - 1 positions, not the prompt again. With
+    k > 1 tokens on its first k - 1 tokens, run after a copy of the prompt's KV cache: a label
+    costs k - 1 positions, not the prompt again. With
     ``shared_prefix``, the token prefix every prompt shares (the template's instruction) runs once
     and its KV cache is reused by every batch.
     """
@@ -252,39 +247,28 @@ def label_logprobs(model, tokenizer, fmt: TaskFormat, examples: list[Example], *
 
 
 def _prompt_forward(model, batch: list[Encoded], pad_id: int, shared: int, prefix):
-    """Run the prompts of ``batch``: their next-token logits (B, V), KV cache, its attention mask
-    (B, T) and each row's next position (B,). Without a prefix cache the prompts are left-padded,
-    so each ends in the last column; with one, their own tokens go right-padded after a copy of it.
-    The head runs on each row's last real position only."""
-    if prefix is None:
-        ids, mask, pos, _ = left_pad_batch(batch, pad_id, with_completion=False)
-        cache, last = None, torch.full((len(batch),), ids.shape[1] - 1)
-    else:
-        tails = [b.prompt_ids[shared:] for b in batch]
-        width = max(map(len, tails))
-        ids = torch.tensor([t + [pad_id] * (width - len(t)) for t in tails])
-        mask = torch.tensor([[1] * (shared + len(t)) + [0] * (width - len(t)) for t in tails])
-        pos = torch.arange(shared, shared + width).expand(len(batch), -1)
-        cache, last = repeat_cache(prefix, len(batch)), torch.tensor([len(t) - 1 for t in tails])
-    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                           use_cache=True)
-    rows = torch.arange(len(batch))
-    logits = model.get_output_embeddings()(out.last_hidden_state[rows, last].contiguous())
-    return logits, out.past_key_values, mask, pos[rows, last] + 1
+    """Run the left-padded prompts of ``batch`` (after the prefix cache, if any, which stands for
+    their first ``shared`` columns): next-token logits (B, V), the KV cache, its attention mask
+    (B, T) and each row's next position (B,)."""
+    ids, mask, pos, _ = left_pad_batch(batch, pad_id, with_completion=False)
+    cache = left_padded_cache(prefix, (mask == 0).sum(1).tolist()) if prefix is not None else None
+    start = shared if prefix is not None else 0
+    out = model(input_ids=ids[:, start:], attention_mask=mask, position_ids=pos[:, start:], past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], out.past_key_values, mask, pos[:, -1] + 1
 
 
 def _continuation_logprob(model, completion: list[int], cache, mask: torch.Tensor, next_pos: torch.Tensor):
-    """Sum of log p(completion[t] | prompt, completion[:t]) over t >= 1 for each row, with the
-    prompts in ``cache``, which is left as it was found; (B,)."""
+    """Sum of log p(completion[t] | prompt, completion[:t]) over t >= 1 for each row, run on a
+    copy of the prompts' ``cache`` (the next label continues the prompt, not this one); (B,)."""
     rows, k = mask.shape[0], len(completion) - 1
     if k == 0:
         return torch.zeros(rows)
-    hidden = model.base_model(input_ids=torch.tensor([completion[:-1]]).expand(rows, -1),
-                              attention_mask=torch.cat([mask, mask.new_ones(rows, k)], 1),
-                              position_ids=next_pos[:, None] + torch.arange(k), past_key_values=cache,
-                              use_cache=True).last_hidden_state  # (B, k, d)
-    cache.crop(-k)  # the next label continues the prompt, not this one
-    logp = model.get_output_embeddings()(hidden).float().log_softmax(-1)  # (B, k, V)
+    logits = model(input_ids=torch.tensor([completion[:-1]]).expand(rows, -1),
+                   attention_mask=torch.cat([mask, mask.new_ones(rows, k)], 1),
+                   position_ids=next_pos[:, None] + torch.arange(k), past_key_values=copy.deepcopy(cache),
+                   use_cache=True).logits  # (B, k, V)
+    logp = logits.float().log_softmax(-1)
     return logp.gather(-1, torch.tensor([completion[1:]]).expand(rows, -1).unsqueeze(-1)).squeeze(-1).sum(-1)
 
 

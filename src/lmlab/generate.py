@@ -64,12 +64,7 @@ def sample(model, tokenizer, prompts: list[str] | list[list[int]], config: Sampl
     from transformers import LogitsProcessorList
 
     from lmlab.evaluate import _inference, _pad_id
-    from lmlab.kvcache import (
-        prefix_cache,
-        prefixed_left_pad,
-        repeat_cache,
-        shared_prefix_length,
-    )
+    from lmlab.kvcache import left_padded_cache, prefix_cache, shared_prefix_length
 
     if not prompts:
         raise LmlabError("no prompts")
@@ -100,9 +95,12 @@ def sample(model, tokenizer, prompts: list[str] | list[list[int]], config: Sampl
         torch.manual_seed(config.seed)
         for start in range(0, len(order), config.batch_size):
             idx = order[start:start + config.batch_size]
-            ids, mask = prefixed_left_pad([encoded[i] for i in idx], shared, pad)  # (B, T)
-            # generate repeats each row ``samples`` times but not a cache; the prefix is the same for all
-            cache = repeat_cache(prefix, len(idx) * config.samples) if shared else None
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx])  # (B, T)
+            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx])
+            # generate repeats each row ``samples`` times, but not a cache: its rows come repeated
+            shifts = [width - len(encoded[i]) for i in idx for _ in range(config.samples)]
+            cache = left_padded_cache(prefix, shifts) if prefix is not None else None
             out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
                                  **options)  # (B * samples, T + new)
             texts = tokenizer.batch_decode(out[:, ids.shape[1]:] if decoder_only else out, skip_special_tokens=True)

@@ -1,10 +1,13 @@
 """The KV cache of a token prefix every prompt shares (a template's instruction, few-shot
-exemplars): it runs once, and each batch starts from a copy of it instead of running it again.
+exemplars): it runs once, and each batch starts from copies of it instead of running it again.
 
-A batch of prompts then holds, per row, [prefix | padding | the prompt's own tokens]. The padding
-sits between the prefix and each prompt's own tokens and the attention mask hides it, so every
-prompt still ends in the last column, where generation continues, and transformers' ``generate``,
-which derives position ids from the mask, gives each row the positions it would have alone.
+A batch stays exactly as without the cache: prompts left-padded, row i padded by ``shifts[i]``
+columns. The cache stands for the batch's first ``shared`` columns: in row i, ``shifts[i]``
+columns of padding (hidden by the mask) and then the prefix, cut where the ``shared`` columns end;
+the model runs on the columns after them, which for a padded row start with the rest of the
+prefix. Causal attention makes the prefix's keys and values independent of what follows, and
+positions come from the mask, so every row computes what it would without the cache, while the
+ids that logits processors, stop strings and sliding windows see do not change at all.
 """
 
 from __future__ import annotations
@@ -23,24 +26,27 @@ def shared_prefix_length(prompts: list[list[int]], minimum: int = 4) -> int:
 
 
 def prefix_cache(model, prefix: list[int]):
-    """The KV cache of one row holding ``prefix`` (the body only: no logits are needed)."""
-    return model.base_model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
+    """The KV cache of one row holding ``prefix`` (through the whole model, so its forward hooks
+    run; the LM head on the last position only), or None if the model's cache cannot be moved
+    column by column: a sliding-window layer keeps only its last window of the prefix."""
+    from transformers.cache_utils import DynamicLayer
+
+    cache = model(input_ids=torch.tensor([prefix]), use_cache=True, logits_to_keep=1).past_key_values
+    layers = getattr(cache, "layers", None)
+    return cache if layers and all(type(layer) is DynamicLayer for layer in layers) else None
 
 
-def repeat_cache(cache, rows: int):
-    """A copy of a one-row KV cache with ``rows`` rows (the original serves every batch)."""
-    cache = copy.deepcopy(cache)
-    cache.batch_repeat_interleave(rows)
-    return cache
-
-
-def prefixed_left_pad(prompts: list[list[int]], shared: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask (B, shared + T) of prompts whose first ``shared`` tokens are the
-    same: that prefix, then left padding, then each prompt's own tokens. ``shared = 0`` is plain
-    left padding."""
-    tails = [p[shared:] for p in prompts]
-    width = max(map(len, tails))
-    prefix = prompts[0][:shared]
-    ids = torch.tensor([prefix + [pad_id] * (width - len(t)) + t for t in tails])
-    mask = torch.tensor([[1] * shared + [0] * (width - len(t)) + [1] * len(t) for t in tails])
-    return ids, mask
+def left_padded_cache(cache, shifts: list[int]):
+    """A new cache with one row per entry of ``shifts``: the one-row prefix ``cache`` moved right
+    by that row's left padding (zeros before it, which the mask hides), its end cut off."""
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(len(shifts))
+    for layer in out.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name)  # (B, heads, shared, head_dim), every row the prefix
+            moved = torch.zeros_like(tensor)
+            for row, shift in enumerate(shifts):
+                if shift < tensor.shape[2]:
+                    moved[row, :, shift:] = tensor[row, :, :tensor.shape[2] - shift]
+            setattr(layer, name, moved)
+    return out
