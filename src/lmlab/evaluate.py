@@ -165,8 +165,9 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
     Left padding puts every prompt's last token in the last column, where generation continues;
     ``generate`` derives position ids from the attention mask, so a padded row generates what it
     would alone. With ``shared_prefix``, the token prefix every prompt shares runs once and each
-    batch starts from copies of its KV cache (``lmlab.kvcache``). With ``stop_when_decided``, a batch stops as soon as every row's
-    label is ``label_decided`` (each generation is then a prefix of the full one, parsed the same).
+    batch starts from copies of its KV cache (``lmlab.kvcache``). With ``stop_when_decided``, a
+    batch stops as soon as every row's label is ``label_decided`` (each generation is then a prefix
+    of the full one, parsed the same).
     """
     items = _encode(tokenizer, fmt, examples, max_length)
     pad = _pad_id(tokenizer)
@@ -227,9 +228,8 @@ def label_logprobs(model, tokenizer, fmt: TaskFormat, examples: list[Example], *
     last position for every label's first token (SmolLM2's 49k-wide head costs 57 MFLOP a position
     against 213 for the body, so 1 position instead of all ~46 saves ~20%), and for a label of
     k > 1 tokens on its first k - 1 tokens, run after a copy of the prompt's KV cache: a label
-    costs k - 1 positions, not the prompt again. With
-    ``shared_prefix``, the token prefix every prompt shares (the template's instruction) runs once
-    and its KV cache is reused by every batch.
+    costs k - 1 positions, not the prompt again. With ``shared_prefix``, the token prefix every
+    prompt shares (the template's instruction) runs once and its KV cache serves every batch.
     """
     items = _encode(tokenizer, fmt, examples, max_length)
     completions = label_token_ids(tokenizer, fmt)
