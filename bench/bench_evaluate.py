@@ -49,7 +49,7 @@ def per_label_forward_scores(model, tokenizer, fmt, examples, batch_size: int) -
             for j, completion in enumerate(label_token_ids(tokenizer, fmt)):
                 k = len(completion)
                 ids, mask, pos, labels = left_pad_batch([Encoded(b.prompt_ids, completion, 0) for b in batch],
-                                                        tokenizer.pad_token_id)
+                                                        tokenizer.pad_token_id, device=model.device)
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=k + 1).logits
                 logp = logits[:, :-1].float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
                 scores[start:start + len(batch), j] = logp.sum(-1)

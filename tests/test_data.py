@@ -79,7 +79,8 @@ def test_bad_format():
 
 
 def test_left_padding_puts_labels_in_the_last_columns():
-    ids, mask, pos, labels = left_pad_batch([Encoded([1, 2, 3], [4], 0), Encoded([5], [6, 7], 1)], pad_id=0)
+    ids, mask, pos, labels = left_pad_batch([Encoded([1, 2, 3], [4], 0), Encoded([5], [6, 7], 1)], pad_id=0,
+                                            device="cpu")
     assert ids.tolist() == [[1, 2, 3, 4], [0, 5, 6, 7]]
     assert mask.tolist() == [[1, 1, 1, 1], [0, 1, 1, 1]]
     assert pos.tolist() == [[0, 1, 2, 3], [0, 0, 1, 2]]

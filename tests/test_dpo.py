@@ -130,7 +130,7 @@ def test_resume_equals_uninterrupted(tiny_model_dir, pairs_file, tmp_path, capsy
     """Stop after step 2 of 4 (as Ctrl-C would), resume, and end where an uninterrupted run ends."""
     from contextlib import contextmanager
 
-    from lmlab import train
+    from lmlab import engine
     from lmlab.io import load_tensors
 
     assert run(tiny_model_dir, pairs_file, tmp_path / "whole", "--max-iters", "4") == 0
@@ -146,7 +146,7 @@ def test_resume_equals_uninterrupted(tiny_model_dir, pairs_file, tmp_path, capsy
     def stop_requests():
         yield StopAtStep2()
 
-    monkeypatch.setattr(train, "_stop_requests", stop_requests)
+    monkeypatch.setattr(engine, "_stop_requests", stop_requests)
     assert run(tiny_model_dir, pairs_file, tmp_path / "cut", "--max-iters", "4") == 130
     monkeypatch.undo()
     assert json.loads((tmp_path / "cut" / "last" / "trainer_state.json").read_text())["step"] == 2

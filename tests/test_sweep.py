@@ -6,7 +6,7 @@ import pytest
 
 from lmlab import LmlabError
 from lmlab.cli import main
-from lmlab.sweep import expand, load_grid, parse_grid_args, run_name, to_argv
+from lmlab.sweep import expand, load_grid, parse_grid_args, run_name
 
 
 def test_expand_products_and_alpha_multiple():
@@ -28,7 +28,6 @@ def test_command_line_blocks():
     blocks = parse_grid_args(["method=lora rank=16,128 alpha=4r; method=full lr=5e-5", "no_progress=true"])
     assert blocks == [{"method": "lora", "rank": [16, 128], "alpha": "4r"}, {"method": "full", "lr": 5e-5},
                       {"no_progress": True}]
-    assert to_argv({"max_iters": 5, "no_progress": True, "resume": False}) == ["--max-iters", "5", "--no-progress"]
 
 
 def test_toml_grid(tmp_path):

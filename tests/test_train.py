@@ -38,7 +38,7 @@ def test_loss_is_on_label_tokens_only():
     """Changing prompt tokens' targets cannot change the loss; only label columns count."""
     model = tiny("tiny-llama").eval()
     items = [Encoded([5, 6, 7, 8], [9], 0), Encoded([5, 6], [10, 11], 1)]
-    ids, mask, pos, labels = left_pad_batch(items, pad_id=0)
+    ids, mask, pos, labels = left_pad_batch(items, pad_id=0, device="cpu")
     assert labels.tolist() == [[-100, 9], [10, 11]]
     loss, n = train_mod.label_loss(model, ids, mask, pos, labels)
     full = model(ids, attention_mask=mask, position_ids=pos).logits.log_softmax(-1)

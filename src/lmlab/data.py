@@ -74,18 +74,18 @@ def load_splits(dataset: str, fmt: TaskFormat, splits=SPLITS) -> dict[str, list[
         return {s: _to_examples(_read_local(folder, s), fmt, f"{folder}/{s}") for s in splits}
     if folder.suffix or dataset.startswith((".", "/", "~")):
         raise LmlabError(f"dataset {dataset!r}: no such folder")
-    return {s: _to_examples(_read_hub(dataset, s), fmt, f"{dataset}/{s}") for s in splits}
+    return {s: _to_examples(read_hub(dataset, s), fmt, f"{dataset}/{s}") for s in splits}
 
 
 def _read_local(folder: Path, split: str) -> list[dict]:
     for suffix in (".jsonl", ".csv"):
         path = folder / f"{split}{suffix}"
         if path.exists():
-            return _read_jsonl(path) if suffix == ".jsonl" else _read_csv(path)
+            return read_jsonl(path) if suffix == ".jsonl" else _read_csv(path)
     raise LmlabError(f"{folder} has no {split}.jsonl or {split}.csv")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     rows = []
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
@@ -110,7 +110,7 @@ def _read_csv(path: Path, encoding: str = "utf-8") -> list[dict]:
         raise LmlabError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
-def _read_hub(name: str, split: str, config: str | None = None) -> list[dict]:
+def read_hub(name: str, split: str, config: str | None = None) -> list[dict]:
     import datasets
 
     try:
@@ -208,28 +208,30 @@ def label_token_ids(tokenizer, fmt: TaskFormat) -> list[list[int]]:
     return [tokenizer(fmt.completion(i), add_special_tokens=False)["input_ids"] for i in range(len(fmt.label_words))]
 
 
-def left_pad_batch(items: list[Encoded], pad_id: int, with_completion: bool = True):
-    """Left-padded batch: every sequence ends at the last position, so label tokens sit in the
-    last k columns for all rows and the LM head need only run there (``logits_to_keep``).
+def left_pad_batch(items: list[Encoded], pad_id: int, with_completion: bool = True, *, device):
+    """Left-padded batch on ``device``: every sequence ends at the last position, so label tokens
+    sit in the last k columns for all rows and the LM head need only run there (``logits_to_keep``).
 
     Returns input_ids, attention_mask, position_ids (B, T) and labels (B, k) with -100 padding,
-    where k is the longest completion in the batch.
+    where k is the longest completion in the batch. Built on the CPU (many small copies), then
+    moved in one transfer per tensor; ``device`` has no default so no caller can forget it.
     """
     import torch
 
     seqs = [it.prompt_ids + (it.completion_ids if with_completion else []) for it in items]
     width = max(map(len, seqs))
     k = max(len(it.completion_ids) for it in items) if with_completion else 0
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), k), -100, dtype=torch.long)
+    cpu = torch.device("cpu")
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device=cpu)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device=cpu)
+    labels = torch.full((len(seqs), k), -100, dtype=torch.long, device=cpu)
     for i, (s, it) in enumerate(zip(seqs, items)):
-        input_ids[i, width - len(s):] = torch.tensor(s)
+        input_ids[i, width - len(s):] = torch.tensor(s, device=cpu)
         mask[i, width - len(s):] = 1
         if with_completion:
-            labels[i, k - len(it.completion_ids):] = torch.tensor(it.completion_ids)
+            labels[i, k - len(it.completion_ids):] = torch.tensor(it.completion_ids, device=cpu)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return input_ids, mask, position_ids, labels
+    return tuple(t.to(device, non_blocking=True) for t in (input_ids, mask, position_ids, labels))
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, mega: int = 50) -> list[list[int]]:

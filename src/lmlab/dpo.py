@@ -19,7 +19,6 @@ and the LM head runs there only.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,9 +56,12 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def completion_logps(model, items: list[Encoded], pad_id: int) -> torch.Tensor:
-    """Σ log p(completion tokens | prompt) per item, (N,); the head runs on the last k + 1 columns."""
-    ids, mask, pos, labels = left_pad_batch(items, pad_id)  # labels (N, k), -100 on padding
+def completion_logps(model, items: list[Encoded], pad_id: int, device=None) -> torch.Tensor:
+    """Σ log p(completion tokens | prompt) per item, (N,); the head runs on the last k + 1 columns.
+    The batch is made on ``device`` (default: the model's)."""
+    from lmlab.devices import model_device
+
+    ids, mask, pos, labels = left_pad_batch(items, pad_id, device=device or model_device(model))  # labels (N, k)
     k = labels.shape[1]
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=k + 1,
                    use_cache=False).logits[:, :-1].float()  # (N, k, V)
@@ -67,11 +69,15 @@ def completion_logps(model, items: list[Encoded], pad_id: int) -> torch.Tensor:
     return (logp * (labels != -100)).sum(-1)
 
 
-def pair_logps(model, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_items(pairs: list[Pair]) -> list[Encoded]:
+    """The chosen completions, then the rejected ones, each after its prompt (one batch)."""
+    return [Encoded(p.prompt_ids, p.chosen_ids, 0) for p in pairs] + \
+           [Encoded(p.prompt_ids, p.rejected_ids, 0) for p in pairs]
+
+
+def pair_logps(model, pairs: list[Pair], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) log-probabilities of a batch of pairs from one forward pass."""
-    items = [Encoded(p.prompt_ids, p.chosen_ids, 0) for p in pairs] + \
-            [Encoded(p.prompt_ids, p.rejected_ids, 0) for p in pairs]
-    logps = completion_logps(model, items, pad_id)
+    logps = completion_logps(model, pair_items(pairs), pad_id, device)
     return logps[:len(pairs)], logps[len(pairs):]
 
 
@@ -86,12 +92,12 @@ def batch_metrics(losses, chosen_rewards, rejected_rewards) -> dict:
 
 
 def read_pairs(path: str | Path) -> list[dict]:
-    from lmlab.data import _read_jsonl
+    from lmlab.data import read_jsonl
 
     path = Path(path)
     if not path.is_file():
         raise LmlabError(f"no such file: {path}")
-    rows = _read_jsonl(path)
+    rows = read_jsonl(path)
     if not rows:
         raise LmlabError(f"{path}: no preference pairs")
     for n, row in enumerate(rows, 1):
@@ -126,7 +132,8 @@ def encode_pairs(tokenizer, rows: list[dict], config: DpoConfig, context: int | 
 
 @torch.no_grad()
 def reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference policy's log-probabilities: ``model`` as it is now, LoRA adapters disabled."""
+    """The reference policy's log-probabilities: ``model`` as it is now, LoRA adapters disabled
+    (on the model's device; returned on the CPU, where they are cached)."""
     from lmlab.peft import lora
 
     was_training = model.training
@@ -135,56 +142,83 @@ def reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) -> t
     with lora.disabled(model):
         for start in range(0, len(pairs), batch_size):
             c, r = pair_logps(model, pairs[start:start + batch_size], pad_id)
-            chosen.append(c)
-            rejected.append(r)
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
     model.train(was_training)
     return torch.cat(chosen), torch.cat(rejected)
 
 
 @torch.no_grad()
 def evaluate_pairs(model, pairs: list[Pair], ref: tuple[torch.Tensor, torch.Tensor], pad_id: int, beta: float,
-                   batch_size: int) -> dict:
+                   batch_size: int, device=None) -> dict:
+    from lmlab.devices import model_device
+
+    device = device or model_device(model)
     was_training = model.training
     model.eval()
     parts = []
     for start in range(0, len(pairs), batch_size):
-        c, r = pair_logps(model, pairs[start:start + batch_size], pad_id)
-        parts.append(dpo_loss(c, r, ref[0][start:start + batch_size], ref[1][start:start + batch_size], beta))
+        c, r = pair_logps(model, pairs[start:start + batch_size], pad_id, device)
+        window = slice(start, start + batch_size)
+        parts.append(dpo_loss(c.float(), r.float(), ref[0][window].to(device), ref[1][window].to(device), beta))
     model.train(was_training)
     return batch_metrics(*(torch.cat(x) for x in zip(*parts)))
 
 
+class DpoTask:
+    """The engine's task for DPO: batches of pairs (chosen and rejected in one forward pass, with
+    their cached reference log-probabilities), the DPO loss, and the held-out pairs' loss, rewards,
+    margin and preference accuracy."""
+
+    name = "DPO"
+
+    def __init__(self, train_pairs: list[Pair], val_pairs: list[Pair], ref_train, ref_val, pad_id: int,
+                 config: DpoConfig, eval_batch_size: int):
+        self.train_pairs, self.val_pairs, self.ref_train, self.ref_val = train_pairs, val_pairs, ref_train, ref_val
+        self.pad_id, self.config, self.eval_batch_size = pad_id, config, eval_batch_size
+        self.lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in train_pairs]
+
+    def collate(self, indices: list[int], device):
+        batch = left_pad_batch(pair_items([self.train_pairs[i] for i in indices]), self.pad_id, device=device)
+        index = torch.tensor(indices)
+        return batch, self.ref_train[0][index].to(device), self.ref_train[1][index].to(device)
+
+    def loss(self, model, batch):
+        (ids, mask, pos, labels), ref_chosen, ref_rejected = batch
+        k = labels.shape[1]
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=k + 1,
+                       use_cache=False).logits[:, :-1].float()  # (2N, k, V)
+        logp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0)[..., None])[..., 0]
+        logps = (logp * (labels != -100)).sum(-1)
+        n = len(ref_chosen)
+        losses, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref_chosen, ref_rejected, self.config.beta)
+        margin = chosen - rejected
+        metrics = {"loss": losses.mean().detach(), "chosen_reward": chosen.mean(), "rejected_reward": rejected.mean(),
+                   "margin": margin.mean(), "accuracy": (margin > 0).float().mean()}
+        return losses.mean(), metrics, mask.sum()
+
+    def evaluate(self, model, device) -> dict:
+        return evaluate_pairs(model, self.val_pairs, self.ref_val, self.pad_id, self.config.beta,
+                              self.eval_batch_size, device)
+
+    def plot(self, rows: list[dict], out_dir: Path, title: str) -> None:
+        plot_curves(rows, out_dir / "dpo.png")
+
+
 def train_dpo(model, tokenizer, method_config, train_pairs: list[Pair], val_pairs: list[Pair], config: DpoConfig,
               cfg, run_info: dict | None = None, reference=None) -> dict:
-    """DPO with ``cfg`` (a ``train.TrainConfig``): batches of pairs in a seeded order, AdamW with
-    warm-up and cosine decay, best/ and last/ checkpoints, metrics.jsonl, resume, Ctrl-C safe.
+    """DPO with ``cfg`` (an ``engine.TrainConfig``) on the shared engine: length-grouped batches of
+    pairs in a seeded order, AdamW with warm-up and cosine decay, gradient clipping, best/ and last/
+    checkpoints, metrics.jsonl, resume, Ctrl-C, devices, mixed precision, ``accelerate launch``.
 
     ``reference``: a zero-argument callable returning another reference model (same vocabulary),
     called only when the reference log-probabilities are computed and dropped right after; by
     default the reference is ``model`` itself as it is now, LoRA adapters disabled."""
-    import random
-
-    from lmlab import peft
-    from lmlab.io import load_tensors, save_tensors, write_json
-    from lmlab.train import (
-        _log_row,
-        _progress,
-        _resume,
-        _rewrite_metrics,
-        _save_checkpoints,
-        _save_last,
-        _stop_requests,
-        check_out_dir,
-        lr_at,
-        read_metrics,
-    )
+    from lmlab.engine import check_out_dir, fit, read_metrics
+    from lmlab.io import load_tensors, save_tensors
 
     out = check_out_dir(cfg)
-    torch.manual_seed(cfg.seed)
     pad_id = tokenizer.pad_token_id
-    per_epoch = max(1, len(train_pairs) // cfg.batch_size)
-    total = cfg.max_iters or max(1, int(cfg.epochs * per_epoch // cfg.grad_accum))
-    warmup = int(cfg.warmup * total)
     ref_path = out / REF_FILE
     if cfg.resume and ref_path.exists():
         saved = load_tensors(ref_path)
@@ -194,61 +228,14 @@ def train_dpo(model, tokenizer, method_config, train_pairs: list[Pair], val_pair
         ref_train = reference_logps(ref_model, train_pairs, pad_id, 2 * cfg.batch_size)
         ref_val = reference_logps(ref_model, val_pairs, pad_id, 2 * cfg.batch_size)
         del ref_model
-        save_tensors(ref_path, {"train_chosen": ref_train[0], "train_rejected": ref_train[1],
-                                "val_chosen": ref_val[0], "val_rejected": ref_val[1]})
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = {"step": 0, "best_val_loss": float("inf"), "best_step": 0, "last_val_loss": float("nan"), "seconds": 0.0}
-    if cfg.resume:
-        state = _resume(out, model, optimizer, state)
-    write_json(out / "run.json", {**(run_info or {}), "train": asdict(cfg), "dpo": asdict(config), "total_steps": total,
-                                  "method_config": {"method": peft.method_name(method_config), **asdict(method_config)}})
-    _rewrite_metrics(out, state["step"])
-    bar = _progress(total, state["step"], cfg.progress)
-    model.train()
-    step, start_time, window = state["step"], time.time() - state["seconds"], []
-    with _stop_requests() as stop:
-        while step < total:
-            lr = lr_at(step, total, warmup, cfg.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(cfg.grad_accum):
-                index = step * cfg.grad_accum + micro
-                epoch, pos = divmod(index, per_epoch)
-                order = list(range(len(train_pairs)))
-                random.Random(cfg.seed + epoch).shuffle(order)
-                idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
-                chosen, rejected = pair_logps(model, [train_pairs[i] for i in idx], pad_id)
-                parts = dpo_loss(chosen, rejected, ref_train[0][idx], ref_train[1][idx], config.beta)
-                (parts[0].mean() / cfg.grad_accum).backward()
-                window.append(batch_metrics(*parts))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            is_eval = step % cfg.eval_interval == 0 or step == total
-            if step % cfg.log_interval == 0 or is_eval:
-                row = {"step": step, "lr": lr, **{f"train_{k}": sum(w[k] for w in window) / len(window) for k in window[0]}}
-                window = []
-                if is_eval:
-                    val = evaluate_pairs(model, val_pairs, ref_val, pad_id, config.beta, 2 * cfg.batch_size)
-                    row.update({f"val_{k}": v for k, v in val.items()})
-                    state["last_val_loss"] = val["loss"]
-                    bar.set_postfix(margin=f"{val['margin']:.3f}", acc=f"{val['accuracy']:.2f}")
-                state.update(step=step, seconds=time.time() - start_time)
-                _log_row(out, row, None)
-                if is_eval:
-                    _save_checkpoints(out, model, method_config, optimizer, state, step, row["val_loss"])
-            if stop.is_set():
-                state.update(step=step, seconds=time.time() - start_time)
-                _save_last(out, model, method_config, optimizer, state)
-                bar.close()
-                raise Interrupted(f"stopped at step {step} of {total}, saved in {out / 'last'}; continue with --resume")
-    bar.close()
-    plot_curves(read_metrics(out), out / "dpo.png")
-    return {"steps": step, "best_val_loss": state["best_val_loss"], "best_step": state["best_step"],
-            "last_val_loss": state["last_val_loss"], "seconds": time.time() - start_time, "out_dir": str(out),
-            "final": read_metrics(out)[-1]}
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            save_tensors(ref_path, {"train_chosen": ref_train[0], "train_rejected": ref_train[1],
+                                    "val_chosen": ref_val[0], "val_rejected": ref_val[1]})
+    task = DpoTask(train_pairs, val_pairs, ref_train, ref_val, pad_id, config, 2 * cfg.batch_size)
+    result = fit(model, task, method_config, cfg, {**(run_info or {}), "dpo": asdict(config)})
+    return {**asdict(result), "final": read_metrics(out)[-1]}
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:

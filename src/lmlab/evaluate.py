@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from lmlab.devices import model_device
 from lmlab.data import (
     Encoded,
     Example,
@@ -178,7 +179,8 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
     with _inference(model):
         prefix = prefix_cache(model, items[0].prompt_ids[:shared]) if shared else None
         for idx in _batches(items, batch_size, "generating", progress):
-            ids, mask, _, _ = left_pad_batch([items[i] for i in idx], pad, with_completion=False)  # (B, T)
+            ids, mask, _, _ = left_pad_batch([items[i] for i in idx], pad, with_completion=False,
+                                             device=model_device(model))  # (B, T)
             cache = left_padded_cache(prefix, (mask == 0).sum(1).tolist()) if prefix is not None else None
             stop = _stop_when_decided(tokenizer, fmt.label_words, ids.shape[1]) if stop_when_decided else None
             out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, stopping_criteria=stop,
@@ -234,7 +236,7 @@ def label_logprobs(model, tokenizer, fmt: TaskFormat, examples: list[Example], *
     items = _encode(tokenizer, fmt, examples, max_length)
     completions = label_token_ids(tokenizer, fmt)
     pad = _pad_id(tokenizer)
-    scores = torch.empty(len(items), len(completions))  # (N, L)
+    scores = torch.empty(len(items), len(completions), device=model_device(model))  # (N, L)
     shared = shared_prefix_length([it.prompt_ids for it in items]) if shared_prefix else 0
     with _inference(model):
         prefix = prefix_cache(model, items[0].prompt_ids[:shared]) if shared else None
@@ -243,14 +245,14 @@ def label_logprobs(model, tokenizer, fmt: TaskFormat, examples: list[Example], *
             first = logits.float().log_softmax(-1)  # (B, V)
             for j, completion in enumerate(completions):
                 scores[idx, j] = first[:, completion[0]] + _continuation_logprob(model, completion, cache, mask, next_pos)
-    return scores
+    return scores.cpu()
 
 
 def _prompt_forward(model, batch: list[Encoded], pad_id: int, shared: int, prefix):
     """Run the left-padded prompts of ``batch`` (after the prefix cache, if any, which stands for
     their first ``shared`` columns): next-token logits (B, V), the KV cache, its attention mask
     (B, T) and each row's next position (B,)."""
-    ids, mask, pos, _ = left_pad_batch(batch, pad_id, with_completion=False)
+    ids, mask, pos, _ = left_pad_batch(batch, pad_id, with_completion=False, device=model_device(model))
     cache = left_padded_cache(prefix, (mask == 0).sum(1).tolist()) if prefix is not None else None
     start = shared if prefix is not None else 0
     out = model(input_ids=ids[:, start:], attention_mask=mask, position_ids=pos[:, start:], past_key_values=cache,
@@ -261,15 +263,16 @@ def _prompt_forward(model, batch: list[Encoded], pad_id: int, shared: int, prefi
 def _continuation_logprob(model, completion: list[int], cache, mask: torch.Tensor, next_pos: torch.Tensor):
     """Sum of log p(completion[t] | prompt, completion[:t]) over t >= 1 for each row, run on a
     copy of the prompts' ``cache`` (the next label continues the prompt, not this one); (B,)."""
-    rows, k = mask.shape[0], len(completion) - 1
+    rows, k, device = mask.shape[0], len(completion) - 1, mask.device
     if k == 0:
-        return torch.zeros(rows)
-    logits = model(input_ids=torch.tensor([completion[:-1]]).expand(rows, -1),
+        return torch.zeros(rows, device=device)
+    logits = model(input_ids=torch.tensor([completion[:-1]], device=device).expand(rows, -1),
                    attention_mask=torch.cat([mask, mask.new_ones(rows, k)], 1),
-                   position_ids=next_pos[:, None] + torch.arange(k), past_key_values=copy.deepcopy(cache),
-                   use_cache=True).logits  # (B, k, V)
+                   position_ids=next_pos[:, None] + torch.arange(k, device=device),
+                   past_key_values=copy.deepcopy(cache), use_cache=True).logits  # (B, k, V)
     logp = logits.float().log_softmax(-1)
-    return logp.gather(-1, torch.tensor([completion[1:]]).expand(rows, -1).unsqueeze(-1)).squeeze(-1).sum(-1)
+    targets = torch.tensor([completion[1:]], device=device).expand(rows, -1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
 def format_report(result: EvalResult, label_words) -> str:
@@ -315,6 +318,32 @@ def format_rouge(result: dict) -> str:
         m = result["mean"][t]
         lines.append(f"{t:8}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f']:>10.4f}")
     return "\n".join(lines)
+
+
+def evaluate_checkpoint(checkpoint, *, split: str = "test", limit: int | None = None, scoring: bool = False,
+                        batch_size: int = 16, device="cpu", dtype=None, progress: bool = False) -> EvalResult:
+    """Classification accuracy of a ``finetune`` checkpoint on its run's data set, template and
+    label words (from ``run.json``), on ``device`` in ``dtype``; what a sweep reports per run."""
+    from lmlab.data import DEFAULT_DATASET, load_splits, subsample
+    from lmlab.finetune import task_format
+    from lmlab.train import load_checkpoint
+
+    model, tokenizer, run_info = load_checkpoint(checkpoint, device=device, dtype=dtype)
+    options = run_info.get("options") or {}
+    fmt = task_format(_Saved(), run_info)
+    examples = subsample(load_splits(run_info.get("dataset") or DEFAULT_DATASET, fmt, (split,))[split], limit)
+    max_length = options.get("max_length", run_info.get("max_length", 256))
+    if scoring:
+        return evaluate_scoring(model, tokenizer, fmt, examples, batch_size=batch_size, max_length=max_length,
+                                progress=progress)
+    return evaluate_generation(model, tokenizer, fmt, examples, batch_size=batch_size, max_length=max_length,
+                               progress=progress)
+
+
+class _Saved:
+    """No overriding options: every setting comes from the run."""
+
+    label_words = template = text_column = label_column = None
 
 
 def perplexity(model, tokenizer, items: list[Encoded], batch_size: int = 8) -> dict:

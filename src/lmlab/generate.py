@@ -88,7 +88,12 @@ def sample(model, tokenizer, prompts: list[str] | list[list[int]], config: Sampl
     shared = shared_prefix_length(encoded) if shared_prefix and decoder_only and len(encoded) > 1 else 0
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     outputs: list[list[str]] = [[] for _ in prompts]
-    with torch.random.fork_rng(devices=[]), _inference(model), \
+    from lmlab.devices import model_device
+
+    device = model_device(model)
+    # fork (and seed) the generator of the device that samples too, so GPU texts follow --seed as well
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"), _inference(model), \
             tqdm(total=len(prompts) * config.samples, disable=not progress, desc="generating", unit="text",
                  dynamic_ncols=True) as bar:
         prefix = prefix_cache(model, encoded[0][:shared]) if shared else None
@@ -96,8 +101,8 @@ def sample(model, tokenizer, prompts: list[str] | list[list[int]], config: Sampl
         for start in range(0, len(order), config.batch_size):
             idx = order[start:start + config.batch_size]
             width = max(len(encoded[i]) for i in idx)
-            ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx])  # (B, T)
-            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx])
+            ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx], device=device)  # (B, T)
+            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx], device=device)
             # generate repeats each row ``samples`` times, but not a cache: its rows come repeated
             shifts = [width - len(encoded[i]) for i in idx for _ in range(config.samples)]
             cache = left_padded_cache(prefix, shifts) if prefix is not None else None

@@ -31,7 +31,10 @@ def prefix_cache(model, prefix: list[int]):
     column by column: a sliding-window layer keeps only its last window of the prefix."""
     from transformers.cache_utils import DynamicLayer
 
-    cache = model(input_ids=torch.tensor([prefix]), use_cache=True, logits_to_keep=1).past_key_values
+    from lmlab.devices import model_device
+
+    ids = torch.tensor([prefix], device=model_device(model))
+    cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
     layers = getattr(cache, "layers", None)
     return cache if layers and all(type(layer) is DynamicLayer for layer in layers) else None
 

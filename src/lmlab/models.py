@@ -277,12 +277,16 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, trust_remote_code: bool = False):
-    """Load ``(model, tokenizer)`` in fp32 (bf16 is ~400x slower on these CPUs).
+def load_model(name_or_path: str = DEFAULT_MODEL, *, device="cpu", dtype=None, bits: int | None = None,
+               trust_remote_code: bool = False):
+    """Load ``(model, tokenizer)`` on ``device`` in ``dtype`` (default fp32: bf16 is ~400x slower on
+    these CPUs; ``lmlab.devices.select_dtype`` picks bf16 or fp16 on a GPU).
 
     ``name_or_path``: an embedded name (``smollm2-135m-instruct``), a local folder or a hub id.
-    Encoder-decoder checkpoints (T5, Flan-T5) load as ``AutoModelForSeq2SeqLM``. The tokenizer
-    always has a pad token (the EOS token when the model defines none).
+    ``bits`` = 4 or 8 loads the linear layers quantised with bitsandbytes (QLoRA's frozen base;
+    ``dtype`` is then the compute dtype). Encoder-decoder checkpoints (T5, Flan-T5) load as
+    ``AutoModelForSeq2SeqLM``. The tokenizer always has a pad token (the EOS token when the model
+    defines none).
     """
     import torch
     from transformers import (
@@ -292,19 +296,25 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, trust_remote_co
         AutoTokenizer,
     )
 
+    from lmlab.devices import quantization_config
+
+    device = torch.device(device)
+    dtype = dtype or torch.float32
+    quantization = quantization_config(bits, device, dtype)
     source = resolve(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
         with _quiet_weight_loading():
-            model = auto.from_pretrained(
-                source, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
-            )
+            model = auto.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     except (OSError, ValueError) as exc:
         raise LmlabError(_not_found(name_or_path, exc)) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not quantization:
+        model.to(device)
     model.eval()
     return contiguous_head_input(model), tokenizer
 

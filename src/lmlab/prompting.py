@@ -134,19 +134,19 @@ def load_problems(dataset: str, split: str) -> list[Problem]:
     ``main``), with the errors of ``lmlab.data``."""
     from pathlib import Path
 
-    from lmlab.data import _read_hub, _read_jsonl
+    from lmlab.data import read_hub, read_jsonl
 
     folder = Path(dataset)
     if folder.is_dir():
         path = folder / f"{split}.jsonl"
         if not path.exists():
             raise LmlabError(f"{folder} has no {split}.jsonl")
-        rows, where = _read_jsonl(path), str(path)
+        rows, where = read_jsonl(path), str(path)
     elif folder.suffix or dataset.startswith((".", "/", "~")):
         raise LmlabError(f"dataset {dataset!r}: no such folder")
     else:
         config = "main" if dataset in ("gsm8k", "openai/gsm8k") else None
-        rows, where = _read_hub(dataset, split, config), f"{dataset}/{split}"
+        rows, where = read_hub(dataset, split, config), f"{dataset}/{split}"
     if not rows:
         raise LmlabError(f"{where}: no problems")
     return [parse_problem(r, f"{where}, row {i}") for i, r in enumerate(rows, 1)]

@@ -87,17 +87,17 @@ def completion_items(tokenizer, data: SftData) -> tuple[list[Encoded], list[Enco
 def read_pairs(data: SftData) -> tuple[list[dict], list[dict]]:
     """(train, validation) rows with the post and summary columns, from one .jsonl (split by
     position) or a folder with train.jsonl and validation.jsonl; every row is checked."""
-    from lmlab.data import _read_jsonl
+    from lmlab.data import read_jsonl
 
     source = Path(data.source)
     if source.is_dir():
-        splits = tuple(_read_jsonl(source / f"{s}.jsonl") if (source / f"{s}.jsonl").exists() else None
+        splits = tuple(read_jsonl(source / f"{s}.jsonl") if (source / f"{s}.jsonl").exists() else None
                        for s in ("train", "validation"))
         if splits[0] is None or splits[1] is None:
             raise LmlabError(f"{source} needs train.jsonl and validation.jsonl")
         train, val = splits
     elif source.is_file():
-        train, val = split_by_position(_read_jsonl(source), data.val_fraction)
+        train, val = split_by_position(read_jsonl(source), data.val_fraction)
     else:
         raise LmlabError(f"summarization data {source}: no such file or folder")
     for name, rows in (("train", train), ("validation", val)):

@@ -24,6 +24,7 @@ skipped when the sweep is started again, so a killed sweep resumes where it stop
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -87,16 +88,43 @@ def run_name(run: dict) -> str:
     return "-".join(parts)
 
 
-def to_argv(run: dict) -> list[str]:
-    """``finetune`` command-line options for one run (``max_iters`` -> ``--max-iters 150``)."""
-    argv = []
-    for key, value in run.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            argv.append(flag)
-        elif value not in (False, None):
-            argv += [flag, str(value)]
-    return argv
+def run(runs: list[dict], out_dir: str | Path, *, split: str = "test", eval_limit: int | None = 500,
+        device: str = "auto", dtype: str = "auto") -> list[dict]:
+    """Run the grid ``runs`` (from ``expand`` or ``load_grid``) one after another into
+    ``out_dir/<run name>/``, evaluate each run's best and last checkpoints on ``split``, and write
+    ``results.md``, ``results.csv`` and ``val_loss.png``; returns the finished runs' rows.
+
+    Every run's options are checked before the first one trains. A run with a ``result.json`` is
+    skipped; one with a checkpoint but no result (a killed sweep) is resumed."""
+    import sys
+
+    from lmlab import devices
+    from lmlab.evaluate import evaluate_checkpoint
+    from lmlab.finetune import FinetuneConfig
+    from lmlab.finetune import run as finetune_run
+    from lmlab.io import committed_dir
+
+    out_dir = Path(out_dir)
+    configs = [FinetuneConfig.from_options({"device": device, "dtype": dtype, **r,
+                                            "out_dir": str(out_dir / run_name(r))}) for r in runs]
+    placement = devices.select_device(device)
+    compute = devices.select_dtype(dtype, placement, warn_slow=False)
+    for i, (settings, config) in enumerate(zip(runs, configs), 1):
+        run_dir = Path(config.out_dir)
+        if (run_dir / RESULT_FILE).exists():
+            print(f"[{i}/{len(runs)}] {run_dir.name}: done before, skipped", file=sys.stderr)
+            continue
+        print(f"[{i}/{len(runs)}] {run_dir.name}", file=sys.stderr, flush=True)
+        if committed_dir(run_dir / "last") is not None:
+            config = dataclasses.replace(config, resume=True)  # a run the last sweep left unfinished
+        summary = finetune_run(config)
+        accuracy = {which: evaluate_checkpoint(run_dir / which, split=split, limit=eval_limit, device=placement,
+                                               dtype=compute).to_dict() for which in ("best", "last")}
+        save_result(run_dir, result_row(settings, summary, accuracy["best"], accuracy["last"]))
+    rows = collect(out_dir, runs)
+    write_tables(out_dir, rows)
+    plot(out_dir, runs)
+    return rows
 
 
 def collect(sweep_dir: str | Path, runs: list[dict]) -> list[dict]:
@@ -138,7 +166,7 @@ def _cell(value) -> str:
 def plot(sweep_dir: str | Path, runs: list[dict]) -> Path:
     """All validation-loss curves in one PNG."""
     from lmlab.plots import plot_runs
-    from lmlab.train import read_metrics
+    from lmlab.engine import read_metrics
 
     curves = {run_name(r): [(m["step"], m["val_loss"]) for m in read_metrics(Path(sweep_dir) / run_name(r))
                             if m.get("val_loss") is not None] for r in runs}

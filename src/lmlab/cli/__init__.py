@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from lmlab.cli._args import DEFAULT_MODEL, _positive_int
+from lmlab.cli._args import DEFAULT_MODEL, _positive_int, add_device_args, placement
 from lmlab.errors import Interrupted, LmlabError
 
 
@@ -36,18 +36,10 @@ def add_method_args(p: argparse.ArgumentParser, rank: int = 8, alpha: float | No
 
 
 def method_config(args: argparse.Namespace):
-    """The typed config of ``args.method`` from the parsed options."""
-    from lmlab import peft
+    """The typed config of ``args.method`` from the parsed options (``lmlab.finetune.method_config``)."""
+    from lmlab.finetune import method_config as from_options
 
-    if args.method == "lora":
-        targets = tuple(t.strip() for t in args.target.split(",") if t.strip()) if args.target else None
-        alpha = args.alpha if args.alpha is not None else 2.0 * args.rank
-        return peft.make_config("lora", r=args.rank, alpha=alpha, dropout=args.lora_dropout, target_modules=targets)
-    if args.method == "adapter":
-        return peft.make_config("adapter", bottleneck=args.bottleneck, train_layer_norms=args.train_layer_norms)
-    if args.method == "prefix":
-        return peft.make_config("prefix", length=args.prefix_length, hidden=args.prefix_hidden)
-    return peft.make_config(args.method)
+    return from_options(args)
 
 
 # --- subcommands ----------------------------------------------------------------------------
@@ -104,81 +96,30 @@ def add_generation_task_args(p: argparse.ArgumentParser) -> None:
 
 
 def task_format(args: argparse.Namespace, saved: dict | None = None):
-    """The TaskFormat from options, falling back to a run's saved settings, then to defaults."""
-    from lmlab.data import TaskFormat
+    from lmlab.finetune import task_format as from_options
 
-    saved = saved or {}
-    words = args.label_words.split(",") if args.label_words else saved.get("label_words")
-    kwargs = {"template": args.template or saved.get("template"),
-              "label_words": tuple(w.strip() for w in words) if words else None,
-              "text_column": args.text_column or saved.get("text_column"),
-              "label_column": args.label_column or saved.get("label_column")}
-    return TaskFormat(**{k: v for k, v in kwargs.items() if v is not None})
+    return from_options(args, saved)
 
 
 def sft_data(args: argparse.Namespace):
-    """The SftData of a completion or summarization run."""
-    from lmlab.sft import SftData
+    from lmlab.finetune import sft_data as from_options
 
-    if not args.dataset:
-        raise LmlabError(f"--task {args.task} needs --dataset: "
-                         + ("a plain-text file" if args.task == "completion" else "a .jsonl of {post, summary} "
-                            "or a folder with train/validation .jsonl"))
-    return SftData(source=args.dataset, val_fraction=args.val_fraction, block_size=args.block_size,
-                   max_length=args.max_length, post_column=args.text_column or "post",
-                   summary_column=args.summary_column)
+    return from_options(args)
+
+
+def finetune_config(args: argparse.Namespace):
+    """The ``FinetuneConfig`` of parsed ``finetune`` options (same names, same defaults)."""
+    from dataclasses import fields
+
+    from lmlab.finetune import FinetuneConfig
+
+    return FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
 
 
 def run_finetune(args: argparse.Namespace) -> dict:
-    """Fine-tune as ``args`` say; returns the summary (TrainResult fields + parameter counts)."""
-    from dataclasses import asdict
+    from lmlab import finetune
 
-    import torch
-
-    from lmlab import peft
-    from lmlab.data import DEFAULT_DATASET, encode, load_splits, subsample
-    from lmlab.models import load_model
-    from lmlab.train import TrainConfig, check_out_dir, train
-
-    cfg = TrainConfig(
-        out_dir=args.out_dir, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        max_iters=args.max_iters, epochs=args.epochs, eval_interval=args.eval_interval, dropout=args.dropout,
-        seed=args.seed, report_to=args.report_to, resume=args.resume, progress=not args.no_progress,
-    )
-    check_out_dir(cfg)
-    method = method_config(args)
-    fmt = task_format(args)
-    if args.task == "classification":
-        dataset = args.dataset or DEFAULT_DATASET
-        splits = load_splits(dataset, fmt, ("train", "validation"))
-    else:
-        from lmlab.sft import read_corpus, read_pairs
-
-        data = sft_data(args)
-        dataset = data.source
-        read_pairs(data) if args.task == "summarization" else read_corpus(data.source)  # bad data: fail before loading
-    model, tokenizer = load_model(args.model)
-    torch.manual_seed(args.seed)  # the method's initial weights (LoRA's A, adapters' W_down) follow --seed
-    peft.apply(model, method)
-    if args.task == "classification":
-        train_items = encode(tokenizer, fmt, splits["train"], args.max_length)
-        val_items = encode(tokenizer, fmt, subsample(splits["validation"], args.eval_limit), args.max_length)
-        task_info = asdict(fmt)
-    else:
-        from lmlab.sft import task_items
-
-        train_items, val_items = task_items(args.task, tokenizer, data)
-        val_items = subsample(val_items, args.eval_limit)
-        task_info = asdict(data)
-    trainable, total = peft.count_parameters(model)
-    run_info = {"model": args.model, "task": args.task, "dataset": dataset, "method": args.method,
-                "max_length": args.max_length, "eval_limit": args.eval_limit, "trainable": trainable, "total": total,
-                **task_info}
-    if not args.json:
-        print(f"lmlab: {args.method} on {args.model}: {trainable:,} of {total:,} parameters train "
-              f"({100 * trainable / total:.3f} %); {len(train_items)} training {args.task} examples", flush=True)
-    result = train(model, tokenizer, method, train_items, val_items, cfg, run_info)
-    return {**asdict(result), "trainable": trainable, "total": total, "percent": 100 * trainable / total}
+    return finetune.run(finetune_config(args))
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -213,10 +154,11 @@ def cmd_evaluate_generation_task(args: argparse.Namespace) -> int:
     from lmlab.train import load_checkpoint
 
     data = sft_data(args)
+    device, dtype = placement(args)
     if args.checkpoint:
-        model, tokenizer, _ = load_checkpoint(args.checkpoint, args.model)
+        model, tokenizer, _ = load_checkpoint(args.checkpoint, args.model, device=device, dtype=dtype)
     else:
-        model, tokenizer = load_model(args.model or DEFAULT_MODEL)
+        model, tokenizer = load_model(args.model or DEFAULT_MODEL, device=device, dtype=dtype)
     result = evaluate.perplexity(model, tokenizer, completion_items(tokenizer, data)[1], args.batch_size)
     print(json.dumps(result) if args.json else
           f"validation loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} over {result['tokens']:,} tokens")
@@ -230,10 +172,11 @@ def run_evaluate(args: argparse.Namespace):
     from lmlab.models import load_model
     from lmlab.train import load_checkpoint
 
+    device, dtype = placement(args)
     if args.checkpoint:
-        model, tokenizer, run_info = load_checkpoint(args.checkpoint, args.model)
+        model, tokenizer, run_info = load_checkpoint(args.checkpoint, args.model, device=device, dtype=dtype)
     else:
-        model, tokenizer = load_model(args.model or DEFAULT_MODEL)
+        model, tokenizer = load_model(args.model or DEFAULT_MODEL, device=device, dtype=dtype)
         run_info = {}
     fmt = task_format(args, run_info)
     dataset = args.dataset or run_info.get("dataset") or DEFAULT_DATASET
@@ -269,32 +212,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lmlab import sweep
-    from lmlab.io import committed_dir
 
     if not args.grid and not args.run:
         raise LmlabError("give a grid: --grid FILE.toml or --run 'method=lora rank=16,128 alpha=4r'")
     common = sweep.parse_grid_args([args.common])[0] if args.common else {}
     runs = sweep.load_grid(args.grid) if args.grid else sweep.expand(sweep.parse_grid_args(args.run), common)
-    parser = build_parser()
-    for i, run in enumerate(runs, 1):
-        run_dir = Path(args.out_dir) / sweep.run_name(run)
-        if (run_dir / sweep.RESULT_FILE).exists():
-            print(f"[{i}/{len(runs)}] {run_dir.name}: done before, skipped", file=sys.stderr)
-            continue
-        print(f"[{i}/{len(runs)}] {run_dir.name}", file=sys.stderr, flush=True)
-        argv = ["finetune", *sweep.to_argv(run), "--out-dir", str(run_dir)]
-        if committed_dir(run_dir / "last") is not None:
-            argv.append("--resume")  # a run the last sweep left unfinished
-        summary = run_finetune(parser.parse_args(argv))
-        accuracy = {}
-        for which in ("best", "last"):
-            eval_args = parser.parse_args(["evaluate", str(run_dir / which), "--limit", str(args.eval_limit),
-                                           "--split", args.split, "--no-progress"])
-            accuracy[which] = run_evaluate(eval_args)[0].to_dict()
-        sweep.save_result(run_dir, sweep.result_row(run, summary, accuracy["best"], accuracy["last"]))
-    rows = sweep.collect(args.out_dir, runs)
-    csv_path, md_path = sweep.write_tables(args.out_dir, rows)
-    png = sweep.plot(args.out_dir, runs)
+    rows = sweep.run(runs, args.out_dir, split=args.split, eval_limit=args.eval_limit, device=args.device,
+                     dtype=args.dtype)
+    out = Path(args.out_dir)
+    csv_path, md_path, png = out / "results.csv", out / "results.md", out / "val_loss.png"
     if args.json:
         print(sweep.summary_json(rows))
     else:
@@ -346,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last checkpoint")
     g.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"])
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_args(p, training=True)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_finetune)
 
@@ -372,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", default=None, help="summarization: reference summaries (.txt lines, .jsonl "
                                                       "'summary', .json list)")
     p.add_argument("--output", default=None, help="summarization: per-example ROUGE as JSON")
+    add_device_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sweep", help="a grid of finetune runs, then one table (Markdown + CSV) and one plot")
@@ -384,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["validation", "test"], help="split for the accuracy columns")
     p.add_argument("--eval-limit", type=_positive_int, default=500, help="examples per accuracy evaluation")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
+    add_device_args(p)
     p.set_defaults(func=cmd_sweep)
 
     _register_groups(sub)

@@ -75,3 +75,32 @@ def sampling_config(args: argparse.Namespace):
     return SamplingConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                           samples=args.samples, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=args.seed, batch_size=args.batch_size, chat=args.chat)
+
+
+def add_device_args(p: argparse.ArgumentParser, training: bool = False) -> None:
+    """--device and --dtype (every command that runs a model); with ``training``, also gradient
+    checkpointing, gradient clipping and 4/8-bit loading (QLoRA)."""
+    g = p.add_argument_group("device and precision")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (auto)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on the CPU (auto)")
+    if training:
+        g.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations in the backward pass: less memory, ~1/3 more compute")
+        g.add_argument("--max-grad-norm", type=_max_grad_norm, default=1.0,
+                       help="clip the gradients' global norm to this; 0 = no clipping (1.0)")
+        g.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 quantised frozen base (CUDA, bitsandbytes)")
+        g.add_argument("--load-in-8bit", action="store_true", help="LLM.int8() quantised frozen base (CUDA, bitsandbytes)")
+
+
+def _max_grad_norm(text: str):
+    value = nonnegative_float(text)
+    return None if value == 0 else value
+
+
+def placement(args: argparse.Namespace):
+    """(torch.device, torch.dtype) from --device and --dtype (one clear line for a missing device)."""
+    from lmlab.devices import select_device, select_dtype
+
+    device = select_device(args.device)
+    return device, select_dtype(args.dtype, device)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from lmlab.cli._args import DEFAULT_MODEL, positive_float, positive_int
+from lmlab.cli._args import DEFAULT_MODEL, add_device_args, positive_float, positive_int
 from lmlab.errors import LmlabError
 
 
@@ -20,47 +21,52 @@ def _check_same_vocabulary(tokenizer, ref_tokenizer, name: str, ref_name: str) -
 
 
 def cmd_dpo(args: argparse.Namespace) -> int:
-    import torch
-
-    from lmlab import peft
+    from lmlab import devices, peft
     from lmlab.cli import method_config
     from lmlab.dpo import DpoConfig, encode_pairs, read_pairs, split_pairs, train_dpo
+    from lmlab.engine import TrainConfig, check_out_dir
+    from lmlab.finetune import load_for_training
     from lmlab.models import load_model, load_tokenizer
-    from lmlab.train import TrainConfig, check_out_dir
 
     if args.method not in ("lora", "full"):
         raise LmlabError(f"dpo supports --method lora or full, got {args.method}")
+    if args.load_in_4bit and args.load_in_8bit:
+        raise LmlabError("choose one of --load-in-4bit and --load-in-8bit")
+    bits = 4 if args.load_in_4bit else 8 if args.load_in_8bit else None
     cfg = TrainConfig(out_dir=args.out_dir, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       max_iters=args.max_iters, epochs=args.epochs, eval_interval=args.eval_interval, seed=args.seed,
-                      report_to="none", resume=args.resume, progress=not args.no_progress, log_interval=1)
+                      report_to=args.report_to, resume=args.resume, progress=not args.no_progress, log_interval=1,
+                      max_grad_norm=args.max_grad_norm, device=args.device, dtype=args.dtype,
+                      gradient_checkpointing=args.gradient_checkpointing)
     config = DpoConfig(beta=args.beta, max_length=args.max_length)
     check_out_dir(cfg)
     train_rows, val_rows = split_pairs(read_pairs(args.data), args.val_fraction)  # bad data fails before loading
-    model, tokenizer = load_model(args.model)
+    method = method_config(args)
+    model, tokenizer = load_for_training(args.model, method, cfg, bits)
     reference = None
     if args.ref_model:
         _check_same_vocabulary(tokenizer, load_tokenizer(args.ref_model), args.model, args.ref_model)
-        reference = lambda: load_model(args.ref_model)[0]  # loaded only when the log-probs are computed
+        device = devices.model_device(model)
+        dtype = devices.select_dtype(cfg.dtype, device, warn_slow=False)
+        reference = lambda: load_model(args.ref_model, device=device, dtype=dtype)[0]  # loaded only while used
     context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     train_pairs = encode_pairs(tokenizer, train_rows, config, context)
     val_pairs = encode_pairs(tokenizer, val_rows, config, context)
-    method = method_config(args)
-    torch.manual_seed(args.seed)
-    peft.apply(model, method)
     trainable, total = peft.count_parameters(model)
     if not args.json:
         print(f"lmlab: DPO ({args.method}, beta {args.beta}) on {args.model}: {trainable:,} of {total:,} parameters "
-              f"train; {len(train_pairs)} pairs, {len(val_pairs)} held out", flush=True)
+              f"train; {len(train_pairs)} pairs, {len(val_pairs)} held out", file=sys.stderr, flush=True)
     run_info = {"model": args.model, "ref_model": args.ref_model, "task": "dpo", "data": args.data, "method": args.method,
-                "trainable": trainable, "total": total}
+                "trainable": trainable, "total": total, "bits": bits}
     result = train_dpo(model, tokenizer, method, train_pairs, val_pairs, config, cfg, run_info, reference)
     if args.json:
         print(json.dumps(result))
     else:
         final = result["final"]
+        margin, accuracy = final.get("val_margin"), final.get("val_accuracy")
         print(f"done: {result['steps']} steps in {result['seconds']:.0f} s; validation reward margin "
-              f"{final.get('val_margin', float('nan')):.3f}, preference accuracy {final.get('val_accuracy', float('nan')):.2%}; "
-              f"curves in {result['out_dir']}/dpo.png")
+              f"{float('nan') if margin is None else margin:.3f}, preference accuracy "
+              f"{float('nan') if accuracy is None else accuracy:.2%}; curves in {result['out_dir']}/dpo.png")
     return 0
 
 
@@ -86,6 +92,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out-dir", default="runs/dpo")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--report-to", default="none", choices=["none", "tensorboard", "wandb"])
     p.add_argument("--no-progress", action="store_true")
+    add_device_args(p, training=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_dpo)

@@ -45,8 +45,10 @@ def apply(model, config):
     return method_module(method_name(config)).apply(model, config)
 
 
-def save(model, config, out_dir: str | Path) -> Path:
-    return method_module(method_name(config)).save(model, out_dir)
+def save(model, config, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Write the method's files. ``state_dict``: the model's full state when its parameters are
+    sharded across processes (FSDP, ZeRO-3) and were gathered by the trainer; else read from ``model``."""
+    return method_module(method_name(config)).save(model, out_dir, state_dict=state_dict)
 
 
 def detect(checkpoint_dir: str | Path) -> str:

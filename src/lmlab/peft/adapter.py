@@ -95,20 +95,21 @@ def _is_norm(param_name: str, norms: tuple[str, ...]) -> bool:
     return name_matches(param_name.rsplit(".", 1)[0], norms)
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """The trainable state: adapter weights (and layer norms when they were trained)."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in trainable or ".adapter." in k}
+    state = model.state_dict() if state_dict is None else state_dict
+    return {k: v for k, v in state.items() if k in trainable or ".adapter." in k}
 
 
-def save(model: nn.Module, out_dir: str | Path) -> Path:
+def save(model: nn.Module, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """Write ``bottleneck_config.json`` and ``bottleneck_model.safetensors``."""
     layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
     if not layers:
         raise LmlabError("model has no bottleneck adapters to save")
     b = layers[0].adapter
     out_dir = Path(out_dir)
-    state = adapter_state_dict(model)
+    state = adapter_state_dict(model, state_dict)
     config = {
         "method": "adapter", "bottleneck": b.down.out_features,
         "activation": next(k for k, v in ACTIVATIONS.items() if isinstance(b.act, v)),

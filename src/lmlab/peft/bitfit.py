@@ -39,13 +39,14 @@ def apply(model: nn.Module, config: BitFitConfig | None = None) -> nn.Module:
     return model
 
 
-def bias_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if _is_bias(n)}
+def bias_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    state = dict(model.named_parameters()) if state_dict is None else state_dict
+    return {n: p for n, p in state.items() if _is_bias(n)}
 
 
-def save(model: nn.Module, out_dir: str | Path) -> Path:
+def save(model: nn.Module, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     out_dir = Path(out_dir)
-    save_tensors(out_dir / WEIGHTS_FILE, bias_state_dict(model), metadata={"format": "pt"})
+    save_tensors(out_dir / WEIGHTS_FILE, bias_state_dict(model, state_dict), metadata={"format": "pt"})
     write_json(out_dir / CONFIG_FILE, {"method": "bitfit", "base_model_name_or_path": getattr(model, "name_or_path", None)})
     return out_dir
 

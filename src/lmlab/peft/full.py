@@ -24,10 +24,10 @@ def apply(model: nn.Module, config: FullConfig | None = None) -> nn.Module:
     return model
 
 
-def save(model: nn.Module, out_dir: str | Path) -> Path:
+def save(model: nn.Module, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """``save_pretrained`` into a temporary folder, then swap it in, so a kill leaves no half model."""
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     return Path(out_dir)
 
 

@@ -65,9 +65,15 @@ class LoraLayer(nn.Module):
         self.base_layer = base_layer
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # Conv1D stores W as (d_in, d_out)
         w = base_layer.weight
-        d_out, d_in = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else w.shape
-        self.lora_A = nn.Linear(d_in, r, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B = nn.Linear(r, d_out, bias=False, device=w.device, dtype=w.dtype)
+        if self.fan_in_fan_out:
+            d_out, d_in = w.shape[1], w.shape[0]
+        else:  # in/out_features: a 4/8-bit bitsandbytes weight is stored packed, not (d_out, d_in)
+            d_out, d_in = base_layer.out_features, base_layer.in_features
+        # A quantised base keeps LoRA in fp32 (QLoRA); otherwise LoRA takes the base weight's dtype.
+        self.quantized = not w.is_floating_point() or type(base_layer).__module__.startswith("bitsandbytes")
+        dtype = torch.float32 if self.quantized else w.dtype
+        self.lora_A = nn.Linear(d_in, r, bias=False, device=w.device, dtype=dtype)
+        self.lora_B = nn.Linear(r, d_out, bias=False, device=w.device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -85,13 +91,14 @@ class LoraLayer(nn.Module):
         return delta.T if self.fan_in_fan_out else delta
 
     def merge(self) -> None:
-        """W <- W0 + scale * B A; W0 is kept (not recomputed by subtraction) so unmerge is exact."""
-        if self.merged:
+        """W <- W0 + scale * B A (in W0's dtype); W0 is kept (not recomputed by subtraction) so
+        unmerge is exact. A quantised W0 is never merged: its forward adds the LoRA branch instead."""
+        if self.merged or self.quantized:
             return
         weight = self.base_layer.weight
         self._w0 = weight.data
         with torch.no_grad():
-            weight.data = self._w0 + self.delta_weight()
+            weight.data = self._w0 + self.delta_weight().to(self._w0.dtype)
 
     def unmerge(self) -> None:
         if self.merged:
@@ -115,7 +122,9 @@ class LoraLayer(nn.Module):
             return self.base_layer(x)
         # Unmerged path; while merged (training in eval mode) it uses the saved W0.
         base = self.base_layer(x) if not self.merged else self._project(x, self._w0)
-        return base + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # LoRA may hold fp32 weights beside a bf16 / quantised base (mixed precision, QLoRA)
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+        return base + update.to(base.dtype)
 
     def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         bias = self.base_layer.bias
@@ -161,13 +170,17 @@ def mark_only_lora_as_trainable(model: nn.Module) -> None:
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """Only the LoRA weights, under their module names (``...c_attn.lora_A.weight``)."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    state = model.state_dict() if state_dict is None else state_dict
+    return {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every ``LoraLayer`` by its base layer with B A merged in: a plain transformers model."""
+    if any(layer.quantized for layer in lora_layers(model).values()):
+        raise LmlabError("cannot merge LoRA into a 4/8-bit quantised base (the sum is not representable in "
+                         "its quantised weights); load the base in bf16 or fp32 to merge")
     for name, layer in lora_layers(model).items():
         layer.merge()
         layer._w0 = None
@@ -187,7 +200,7 @@ def _target_modules(model: nn.Module, names: Sequence[str]) -> list[str] | str:
     return "^(?:" + "|".join(n.replace(".", r"\.") for n in sorted(names)) + ")$"
 
 
-def save(model: nn.Module, out_dir: str | Path) -> Path:
+def save(model: nn.Module, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout and key names)."""
     layers = lora_layers(model)
     if not layers:
@@ -201,7 +214,7 @@ def save(model: nn.Module, out_dir: str | Path) -> Path:
         "init_lora_weights": True, "modules_to_save": None, "use_dora": False, "use_rslora": False,
         "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": getattr(model, "name_or_path", None),
     }
-    save_tensors(out_dir / ADAPTER_WEIGHTS, {_PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()},
+    save_tensors(out_dir / ADAPTER_WEIGHTS, {_PEFT_PREFIX + k: v for k, v in lora_state_dict(model, state_dict).items()},
                  metadata={"format": "pt"})
     write_json(out_dir / ADAPTER_CONFIG, config)
     return out_dir

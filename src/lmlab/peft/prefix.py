@@ -187,8 +187,11 @@ def fold(model: nn.Module) -> nn.Module:
     return model
 
 
-def save(model: nn.Module, out_dir: str | Path) -> Path:
+def save(model: nn.Module, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """``prefix_config.json`` + ``prefix_model.safetensors`` with the plain (folded) prefixes."""
+    if state_dict is not None:
+        raise LmlabError("prefix tuning cannot be saved from parameters sharded across processes "
+                         "(FSDP / ZeRO-3): its prefixes are folded from the model; use DDP")
     out_dir = Path(out_dir)
     tensors = prefix_tensors(model)
     save_tensors(out_dir / WEIGHTS_FILE, tensors, metadata={"format": "pt"})

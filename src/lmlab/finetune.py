@@ -1,0 +1,223 @@
+"""``lmlab.finetune.run(config)``: one fine-tuning run from Python, as ``lmlab finetune`` runs it.
+
+``FinetuneConfig`` has one field per ``lmlab finetune`` option, with the same name (dashes as
+underscores) and the same default, so a sweep, a script and the command line describe a run the
+same way. ``run`` loads the model on its device and precision, applies the method, encodes the
+data and hands the task to the engine (``lmlab.engine``): model -> method -> trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from lmlab.errors import LmlabError
+from lmlab.models import DEFAULT_MODEL
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """A fine-tuning run. Method options: ``rank``/``alpha``/``lora_dropout``/``target`` (LoRA;
+    alpha None = 2r), ``bottleneck``/``train_layer_norms`` (adapter), ``prefix_length``/
+    ``prefix_hidden`` (prefix). Data: ``task`` classification (``dataset``, columns, ``template``,
+    ``label_words`` as "w0,w1"), completion or summarization (``block_size``, ``val_fraction``,
+    ``summary_column``). Training: see ``engine.TrainConfig``. ``load_in_4bit``/``load_in_8bit``:
+    QLoRA's quantised frozen base (CUDA, bitsandbytes)."""
+
+    model: str = DEFAULT_MODEL
+    method: str = "lora"
+    rank: int = 128
+    alpha: float | None = 512.0
+    lora_dropout: float = 0.05
+    target: str | None = None
+    bottleneck: int = 64
+    train_layer_norms: bool = False
+    prefix_length: int = 10
+    prefix_hidden: int | None = None
+    task: str = "classification"
+    dataset: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    template: str | None = None
+    label_words: str | None = None
+    max_length: int = 256
+    block_size: int = 128
+    val_fraction: float = 0.1
+    summary_column: str = "summary"
+    dropout: float = 0.0
+    lr: float = 2.5e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_iters: int | None = None
+    epochs: float = 1.0
+    eval_interval: int = 50
+    eval_limit: int | None = 300
+    max_grad_norm: float | None = 1.0
+    seed: int = 1337
+    out_dir: str = "runs/finetune"
+    resume: bool = False
+    report_to: str = "none"
+    no_progress: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    json: bool = False  # quiet: no banner (the command prints the result as JSON)
+
+    @classmethod
+    def from_options(cls, options: dict) -> FinetuneConfig:
+        """From a mapping of option names (a sweep's run, a parsed command line); an unknown name
+        is one error that names it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in options if k.replace("-", "_") not in known)
+        if unknown:
+            raise LmlabError(f"unknown finetune option {unknown[0]!r} (see lmlab finetune --help)")
+        return cls(**{k.replace("-", "_"): v for k, v in options.items()})
+
+    @property
+    def bits(self) -> int | None:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise LmlabError("choose one of --load-in-4bit and --load-in-8bit")
+        return 4 if self.load_in_4bit else 8 if self.load_in_8bit else None
+
+    def train_config(self):
+        from lmlab.engine import TrainConfig
+
+        return TrainConfig(out_dir=self.out_dir, lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                           max_iters=self.max_iters, epochs=self.epochs, eval_interval=self.eval_interval,
+                           max_grad_norm=self.max_grad_norm, dropout=self.dropout, seed=self.seed,
+                           report_to=self.report_to, resume=self.resume, progress=not self.no_progress,
+                           device=self.device, dtype=self.dtype, gradient_checkpointing=self.gradient_checkpointing)
+
+
+def method_config(options):
+    """The typed config of ``options.method`` (a FinetuneConfig, or parsed options of the same names)."""
+    from lmlab import peft
+
+    if options.method == "lora":
+        targets = tuple(t.strip() for t in options.target.split(",") if t.strip()) if options.target else None
+        alpha = options.alpha if options.alpha is not None else 2.0 * options.rank
+        return peft.make_config("lora", r=options.rank, alpha=alpha, dropout=options.lora_dropout,
+                                target_modules=targets)
+    if options.method == "adapter":
+        return peft.make_config("adapter", bottleneck=options.bottleneck, train_layer_norms=options.train_layer_norms)
+    if options.method == "prefix":
+        return peft.make_config("prefix", length=options.prefix_length, hidden=options.prefix_hidden)
+    return peft.make_config(options.method)
+
+
+def task_format(options, saved: dict | None = None):
+    """The TaskFormat from options, falling back to a run's saved settings, then to defaults."""
+    from lmlab.data import TaskFormat
+
+    saved = saved or {}
+    words = options.label_words.split(",") if options.label_words else saved.get("label_words")
+    kwargs = {"template": options.template or saved.get("template"),
+              "label_words": tuple(w.strip() for w in words) if words else None,
+              "text_column": options.text_column or saved.get("text_column"),
+              "label_column": options.label_column or saved.get("label_column")}
+    return TaskFormat(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def sft_data(options):
+    """The SftData of a completion or summarization run."""
+    from lmlab.sft import SftData
+
+    if not options.dataset:
+        raise LmlabError(f"--task {options.task} needs --dataset: "
+                         + ("a plain-text file" if options.task == "completion" else "a .jsonl of {post, summary} "
+                            "or a folder with train/validation .jsonl"))
+    return SftData(source=options.dataset, val_fraction=options.val_fraction, block_size=options.block_size,
+                   max_length=options.max_length, post_column=options.text_column or "post",
+                   summary_column=options.summary_column)
+
+
+def load_for_training(model_name: str, method, cfg, bits: int | None = None):
+    """``(model, tokenizer)`` on ``cfg.device``, ``method`` applied, ready for the engine.
+
+    Mixed precision as in QLoRA and transformers' Trainer: a frozen base is stored in the compute
+    dtype (bf16 / fp16; or 4/8-bit with ``bits``), full fine-tuning keeps fp32 master weights, and
+    every trainable parameter is fp32 while the engine runs the forward under autocast."""
+    import torch
+
+    from lmlab import devices, peft
+    from lmlab.models import load_model
+
+    device = devices.select_device(cfg.device)
+    dtype = devices.select_dtype(cfg.dtype, device)
+    full = peft.method_name(method) == "full"
+    if bits is not None and peft.method_name(method) != "lora":
+        raise LmlabError(f"--load-in-{bits}bit trains LoRA on a quantised frozen base (QLoRA); "
+                         f"--method {peft.method_name(method)} would have to train quantised weights")
+    model, tokenizer = load_model(model_name, device=device, dtype=torch.float32 if full else dtype, bits=bits)
+    torch.manual_seed(cfg.seed)  # the method's initial weights (LoRA's A, adapters' W_down) follow --seed
+    if bits is not None:
+        prepare_kbit(model)
+    peft.apply(model, method)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if bits is None:
+        model.to(device)
+    return model, tokenizer
+
+
+def prepare_kbit(model) -> None:
+    """The usual k-bit preparation (as peft's ``prepare_model_for_kbit_training``): the model frozen,
+    and its remaining floating-point weights that are not quantised (norms, embeddings, head) kept
+    in fp32 for stable training. Gradient checkpointing is the engine's option."""
+    import torch
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+        if p.dtype in (torch.float16, torch.bfloat16) and p.ndim == 1:
+            p.data = p.data.float()
+
+
+def run(config: FinetuneConfig) -> dict:
+    """Fine-tune as ``config`` says; returns the summary (``engine.TrainResult`` fields, parameter
+    counts and the resolved settings)."""
+    import sys
+
+    from lmlab import peft
+    from lmlab.data import DEFAULT_DATASET, encode, load_splits, subsample
+    from lmlab.engine import check_out_dir
+    from lmlab.train import train
+
+    cfg = config.train_config()
+    check_out_dir(cfg)
+    method = method_config(config)
+    bits = config.bits
+    if config.task == "classification":
+        fmt = task_format(config)
+        dataset = config.dataset or DEFAULT_DATASET
+        splits = load_splits(dataset, fmt, ("train", "validation"))
+    elif config.task in ("completion", "summarization"):
+        from lmlab.sft import read_corpus, read_pairs
+
+        data = sft_data(config)
+        dataset = data.source
+        read_pairs(data) if config.task == "summarization" else read_corpus(data.source)  # bad data: fail first
+    else:
+        raise LmlabError(f"task must be classification, completion or summarization, got {config.task!r}")
+    model, tokenizer = load_for_training(config.model, method, cfg, bits)
+    if config.task == "classification":
+        train_items = encode(tokenizer, fmt, splits["train"], config.max_length)
+        val_items = encode(tokenizer, fmt, subsample(splits["validation"], config.eval_limit), config.max_length)
+        task_info = asdict(fmt)
+    else:
+        from lmlab.sft import task_items
+
+        train_items, val_items = task_items(config.task, tokenizer, data)
+        val_items = subsample(val_items, config.eval_limit)
+        task_info = asdict(data)
+    trainable, total = peft.count_parameters(model)
+    run_info = {"model": config.model, "task": config.task, "dataset": dataset, "method": config.method,
+                "max_length": config.max_length, "eval_limit": config.eval_limit, "trainable": trainable,
+                "total": total, "bits": bits, **task_info, "options": asdict(config)}
+    if not config.json:
+        print(f"lmlab: {config.method} on {config.model}: {trainable:,} of {total:,} parameters train "
+              f"({100 * trainable / total:.3f} %); {len(train_items)} training {config.task} examples",
+              file=sys.stderr, flush=True)
+    result = train(model, tokenizer, method, train_items, val_items, cfg, run_info)
+    return {**asdict(result), "trainable": trainable, "total": total, "percent": 100 * trainable / total}
