@@ -74,3 +74,21 @@ def small_dataset(tmp_path_factory):
         picked = rows[: n // 2] + rows[half: half + n // 2]
         (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picked))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def toy_dataset(tmp_path_factory):
+    """A learnable sentiment set of our own (no ../shared needed): 48/16/16 rows, both classes,
+    positive reviews praise and negative ones pan, in a handful of word patterns."""
+    import json
+    import random
+
+    good = ["a wonderful, moving film", "great acting and a lovely story", "brilliant and funny", "i loved it"]
+    bad = ["a dull, tedious mess", "terrible acting and a boring story", "awful and lifeless", "i hated it"]
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("toy")
+    for split, n in (("train", 48), ("validation", 16), ("test", 16)):
+        rows = [{"text": f"{rng.choice(good if label else bad)} ({split} {i})", "label": label}
+                for i in range(n) for label in (i % 2,)]
+        (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

@@ -1,0 +1,230 @@
+"""The shared training engine: device and dtype choice, clipping, gradient checkpointing, mixed
+precision, the Python API (finetune.run, sweep.run), DPO under accelerate launch, one-line errors."""
+
+import json
+import shutil
+import subprocess
+from dataclasses import fields
+
+import pytest
+import torch
+from conftest import tiny
+
+from lmlab import devices, engine, peft
+from lmlab.cli import build_parser, main
+from lmlab.errors import LmlabError
+from lmlab.finetune import FinetuneConfig
+
+# --- device and dtype selection -------------------------------------------------------------------
+
+
+def test_auto_device_and_dtype_on_this_cpu_machine():
+    assert devices.select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert devices.select_dtype("auto", torch.device("cpu")) == torch.float32
+    assert devices.select_dtype("fp16", torch.device("cpu"), warn_slow=False) == torch.float16
+    assert devices.mixed_precision(torch.bfloat16) == "bf16" and devices.mixed_precision(torch.float32) == "no"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+@pytest.mark.parametrize("name", ["cuda", "cuda:1"])
+def test_missing_cuda_is_one_clear_error(name):
+    with pytest.raises(LmlabError, match="no CUDA device"):
+        devices.select_device(name)
+
+
+def test_unknown_device_and_dtype_are_errors():
+    with pytest.raises(LmlabError, match="device must be one of"):
+        devices.select_device("tpu")
+    with pytest.raises(LmlabError, match="dtype must be one of"):
+        devices.select_dtype("int4", torch.device("cpu"))
+
+
+def test_bf16_on_cpu_is_allowed_with_a_warning(capsys):
+    assert devices.select_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    err = capsys.readouterr().err
+    assert err.startswith("lmlab: warning:") and "slower" in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+def test_quantisation_needs_cuda_and_bitsandbytes():
+    with pytest.raises(LmlabError, match="--load-in-4bit needs (bitsandbytes|a CUDA device)"):
+        devices.quantization_config(4, torch.device("cpu"), torch.bfloat16)
+
+
+def test_rng_state_round_trip_covers_the_cpu_generator():
+    torch.manual_seed(3)
+    state = devices.rng_state()
+    a = torch.rand(4)
+    devices.set_rng_state(state)
+    assert torch.equal(a, torch.rand(4))
+    devices.set_rng_state(state["cpu"])  # an older checkpoint's bare CPU state
+    assert torch.equal(a, torch.rand(4))
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+
+def finetune_args(model_dir, data_dir, out, *extra):
+    return ["finetune", "--model", model_dir, "--dataset", data_dir, "--out-dir", str(out), "--max-iters", "2",
+            "--eval-interval", "2", "--batch-size", "8", "--rank", "4", "--alpha", "8", "--no-progress", *extra]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors a machine without CUDA gives")
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "cuda"], "--device cuda: this machine has no CUDA device"),
+    (["--load-in-4bit", "--device", "cpu"], "--load-in-4bit needs"),
+    (["--load-in-8bit", "--method", "full", "--device", "cpu"], "--load-in-8bit"),
+])
+def test_device_errors_are_one_line_and_leave_no_run(extra, message, tiny_model_dir, toy_dataset, tmp_path, capsys):
+    assert main(finetune_args(tiny_model_dir, toy_dataset, tmp_path / "run", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("lmlab: error:") and err.count("\n") == 1
+    assert not (tmp_path / "run" / "last").exists()
+
+
+def test_finetune_config_has_the_command_lines_names_and_defaults():
+    args = build_parser().parse_args(["finetune"])
+    for f in fields(FinetuneConfig):
+        assert getattr(args, f.name) == f.default, f.name
+    with pytest.raises(LmlabError, match="unknown finetune option 'rnak'"):
+        FinetuneConfig.from_options({"rnak": 4})
+
+
+# --- the Python API ---------------------------------------------------------------------------------
+
+
+def test_finetune_run_from_python_lowers_the_loss_on_a_learnable_task(tiny_model_dir, toy_dataset, tmp_path):
+    from lmlab import finetune
+
+    config = FinetuneConfig(model=tiny_model_dir, dataset=toy_dataset, out_dir=str(tmp_path / "run"), method="full",
+                            lr=1e-2, max_iters=24, eval_interval=12, batch_size=8, no_progress=True, json=True,
+                            device="cpu")
+    result = finetune.run(config)
+    rows = engine.read_metrics(tmp_path / "run")
+    assert result["steps"] == 24 and [r["step"] for r in rows if r["val_loss"] is not None] == [12, 24]
+    # a random model starts near log(49152) = 10.8; after 24 steps it has learnt the two label words
+    assert rows[0]["train_loss"] > 5 and result["last_val_loss"] < 1.0, (rows[0]["train_loss"], result)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["train"]["device"] == "cpu" and run["train"]["max_grad_norm"] == 1.0
+    assert run["options"]["method"] == "full"
+
+
+def test_sweep_run_from_python_checks_every_run_before_training(tiny_model_dir, toy_dataset, tmp_path):
+    from lmlab import sweep
+
+    runs = sweep.expand([{"method": "lora", "rank": 4}, {"method": "bitfit", "lr": "x", "bogus": 1}],
+                        {"model": tiny_model_dir, "dataset": toy_dataset, "max_iters": 1, "no_progress": True})
+    with pytest.raises(LmlabError, match="unknown finetune option 'bogus'"):
+        sweep.run(runs, tmp_path / "sweep", eval_limit=4, device="cpu")
+    assert not (tmp_path / "sweep" / "lora-r4").exists(), "nothing trained before the grid was checked"
+    runs = sweep.expand([{"method": "lora", "rank": 4}, {"method": "adapter", "bottleneck": 8}],
+                        {"model": tiny_model_dir, "dataset": toy_dataset, "max_iters": 2, "eval_interval": 1,
+                         "no_progress": True, "json": True})
+    rows = sweep.run(runs, tmp_path / "sweep", eval_limit=4, device="cpu")
+    assert [r["run"] for r in rows] == ["lora-r4", "adapter-m8"]
+    assert all(r["eval_best"]["n"] == 4 for r in rows)
+    assert (tmp_path / "sweep" / "results.md").exists() and (tmp_path / "sweep" / "val_loss.png").exists()
+
+
+# --- what the engine does in a step -----------------------------------------------------------------
+
+
+def test_gradients_are_clipped_to_max_grad_norm(tiny_model_dir, toy_dataset, tmp_path, monkeypatch):
+    """The global norm the optimizer sees is at most --max-grad-norm (and is not clipped without it)."""
+    norms = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    assert main(finetune_args(tiny_model_dir, toy_dataset, tmp_path / "a", "--max-grad-norm", "1e-3")) == 0
+    assert len(norms) == 2 and all(n <= 1e-3 * (1 + 1e-5) for n in norms)
+    norms.clear()
+    assert main(finetune_args(tiny_model_dir, toy_dataset, tmp_path / "b", "--max-grad-norm", "0")) == 0
+    assert all(n > 1e-3 for n in norms), norms
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_gives_the_same_gradients(name, method):
+    """Recomputing activations in the backward pass changes memory, not the gradients (LoRA dropout
+    included: checkpointing replays the random state)."""
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny(name)
+        if method == "lora":
+            peft.apply(model, peft.make_config("lora", r=4, alpha=8.0, dropout=0.1))
+        model.train()
+        if checkpointing:
+            engine.enable_gradient_checkpointing(model)
+            assert model.is_gradient_checkpointing
+        torch.manual_seed(0)
+        ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6)
+
+
+def test_finetune_with_gradient_checkpointing_runs(tiny_model_dir, toy_dataset, tmp_path):
+    assert main(finetune_args(tiny_model_dir, toy_dataset, tmp_path / "gc", "--gradient-checkpointing")) == 0
+    assert (tmp_path / "gc" / "best" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "full"])
+def test_bf16_mixed_precision_keeps_trainable_weights_in_fp32(method, tiny_model_dir, toy_dataset, tmp_path):
+    """--dtype bf16: the frozen base is stored in bf16 (full fine-tuning keeps fp32 master weights),
+    every trainable parameter is fp32, the forward runs under autocast, and the loss is finite."""
+    from lmlab.finetune import load_for_training, method_config
+
+    config = FinetuneConfig(model=tiny_model_dir, dataset=toy_dataset, out_dir=str(tmp_path / method), method=method,
+                            rank=4, alpha=8.0, max_iters=2, eval_interval=2, no_progress=True, json=True,
+                            device="cpu", dtype="bf16")
+    model, _ = load_for_training(config.model, method_config(config), config.train_config())
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert frozen == (set() if method == "full" else {torch.bfloat16})
+    from lmlab import finetune
+
+    result = finetune.run(config)
+    assert result["steps"] == 2 and result["best_val_loss"] == result["best_val_loss"]  # not NaN
+
+
+def test_lora_on_a_bf16_base_merges_in_the_base_dtype():
+    model = tiny("tiny-llama").to(torch.bfloat16)
+    peft.apply(model, peft.make_config("lora", r=4, alpha=8.0))
+    layer = next(m for m in model.modules() if type(m).__name__ == "LoraLayer")
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    w0 = layer.base_layer.weight.detach().clone()
+    model.eval()
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    model.train()
+    assert torch.equal(layer.base_layer.weight, w0)
+
+
+# --- several processes ----------------------------------------------------------------------------
+
+
+def test_dpo_under_accelerate_launch_two_processes(tiny_model_dir, tmp_path):
+    """DPO runs on the shared engine, so accelerate launch works for it: one writer, same files."""
+    accelerate = shutil.which("accelerate")
+    assert accelerate is not None, "accelerate's CLI is installed with lmlab"
+    rows = [{"prompt": f"Review: a film about thing {i}.\nSentiment:", "chosen": " positive", "rejected": " negative"}
+            for i in range(24)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ddp"
+    cmd = [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "lmlab.cli", "dpo", "--model", tiny_model_dir, "--data", str(data),
+           "--out-dir", str(out), "--max-iters", "2", "--eval-interval", "2", "--batch-size", "4", "--rank", "4",
+           "--no-progress", "--json"]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "last" / "adapter_model.safetensors").exists() and (out / "best").is_dir()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # one writer, not one per process
