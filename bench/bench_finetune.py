@@ -60,8 +60,8 @@ def run_lmlab(args) -> dict:
                       eval_interval=10**6, log_interval=1, seed=args.seed, progress=False)
     train(model, tokenizer, config, items, items[:8], cfg)
     rows = [r for r in read_metrics(out) if r["step"] > args.warmup]
-    seconds = sum(1 / r["tokens_per_s"] for r in rows)  # per-step rows: 1/(tok/s) is s per token
-    tokens_per_s = len(rows) / seconds
+    tokens = sum(r["tokens"] for r in rows)  # per-step rows: a step's tokens and its rate
+    tokens_per_s = tokens / sum(r["tokens"] / r["tokens_per_s"] for r in rows)  # all tokens / all seconds
     return {"tokens_per_s": tokens_per_s, "steps_timed": len(rows)}
 
 

@@ -92,3 +92,17 @@ def toy_dataset(tmp_path_factory):
                 for i in range(n) for label in (i % 2,)]
         (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def two_processes(*command: str, timeout: int = 300):
+    """Run ``command`` (``-m lmlab.cli ...`` or a script and its arguments) as 2 DDP processes on
+    the CPU. torchrun sets the environment accelerate reads; ``accelerate launch --cpu
+    --num_processes 2`` starts a single process on a CPU-only machine (measured), so it would test
+    nothing. The run must record 2 processes in its run.json for a test to trust it."""
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun")
+    assert torchrun is not None, "torchrun is installed with torch"
+    return subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", *command], check=False,
+                          capture_output=True, text=True, timeout=timeout)

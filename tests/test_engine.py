@@ -1,14 +1,12 @@
 """The shared training engine: device and dtype choice, clipping, gradient checkpointing, mixed
-precision, the Python API (finetune.run, sweep.run), DPO under accelerate launch, one-line errors."""
+precision, the Python API (finetune.run, sweep.run), DPO and resume on 2 processes, one-line errors."""
 
 import json
-import shutil
-import subprocess
 from dataclasses import fields
 
 import pytest
 import torch
-from conftest import tiny
+from conftest import tiny, two_processes
 
 from lmlab import devices, engine, peft
 from lmlab.cli import build_parser, main
@@ -160,7 +158,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name, method):
         model.train()
         if checkpointing:
             engine.enable_gradient_checkpointing(model)
-            assert model.is_gradient_checkpointing
+            assert model.is_activation_checkpointing
         torch.manual_seed(0)
         ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
         model(input_ids=ids, labels=ids).loss.backward()
@@ -210,21 +208,77 @@ def test_lora_on_a_bf16_base_merges_in_the_base_dtype():
 # --- several processes ----------------------------------------------------------------------------
 
 
-def test_dpo_under_accelerate_launch_two_processes(tiny_model_dir, tmp_path):
-    """DPO runs on the shared engine, so accelerate launch works for it: one writer, same files."""
-    accelerate = shutil.which("accelerate")
-    assert accelerate is not None, "accelerate's CLI is installed with lmlab"
+def test_dpo_on_two_processes(tiny_model_dir, tmp_path):
+    """DPO runs on the shared engine, so several processes work for it: one writer, same files."""
     rows = [{"prompt": f"Review: a film about thing {i}.\nSentiment:", "chosen": " positive", "rejected": " negative"}
             for i in range(24)]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "ddp"
-    cmd = [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "lmlab.cli", "dpo", "--model", tiny_model_dir, "--data", str(data),
-           "--out-dir", str(out), "--max-iters", "2", "--eval-interval", "2", "--batch-size", "4", "--rank", "4",
-           "--no-progress", "--json"]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    done = two_processes("-m", "lmlab.cli", "dpo", "--model", tiny_model_dir, "--data", str(data), "--out-dir",
+                         str(out), "--max-iters", "2", "--eval-interval", "2", "--batch-size", "4", "--rank", "4",
+                         "--no-progress", "--json")
     assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text())["processes"] == 2
     assert (out / "last" / "adapter_model.safetensors").exists() and (out / "best").is_dir()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]  # one writer, not one per process
+
+
+DRIVER = '''
+import sys
+from contextlib import contextmanager
+
+from lmlab import checkpoint, engine
+from lmlab.cli import main
+
+stop_at, sharded, argv = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3:]
+if sharded:  # exercise the per-process optimizer files that FSDP / ZeRO runs write (DDP underneath)
+    checkpoint.sharded = lambda accelerator: True
+
+
+class Stop:
+    checks = 0
+
+    def is_set(self):
+        self.checks += 1
+        return self.checks == stop_at
+
+
+@contextmanager
+def stop_requests():
+    yield Stop()
+
+
+if stop_at:
+    engine._stop_requests = stop_requests
+sys.exit(main(argv))
+'''
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_two_process_resume_equals_an_uninterrupted_run(sharded, tiny_model_dir, toy_dataset, tmp_path):
+    """2-process DDP with LoRA dropout: stop after step 2 of 4 (as Ctrl-C), resume, and end bit for
+    bit where the uninterrupted run ends: every process gets its own generator (and, as under FSDP,
+    its own optimizer file) back."""
+    from lmlab.io import load_tensors
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+
+    def launch(out, stop_at, *extra):
+        return two_processes(str(driver), str(stop_at), "1" if sharded else "0",
+                             *finetune_args(tiny_model_dir, toy_dataset, out, "--max-iters", "4", "--lora-dropout",
+                                            "0.1", "--batch-size", "4", "--json"), *extra)
+
+    assert launch(tmp_path / "whole", 0).returncode == 0
+    assert json.loads((tmp_path / "whole" / "run.json").read_text())["processes"] == 2
+    stopped = launch(tmp_path / "stopped", 2)
+    assert stopped.returncode != 0 and "stopped at step 2 of 4" in stopped.stderr, stopped.stderr[-2000:]
+    files = {p.name for p in (tmp_path / "stopped" / "last").iterdir()}
+    assert ({"optimizer.rank0.pt", "optimizer.rank1.pt"} <= files) if sharded else ("optimizer.pt" in files)
+    resumed = launch(tmp_path / "stopped", 0, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_tensors(tmp_path / "whole" / "last" / "trainable.safetensors")
+    b = load_tensors(tmp_path / "stopped" / "last" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,6 +1,10 @@
 """Batched sampling through the shared-prefix KV cache (``lmlab.kvcache``) gives what it gives
 without: greedy and sampled, on Llama (RoPE), GPT-2 (absolute positions) and a sliding-window
-Mistral, with logits processors and stop strings that look back into the prompt."""
+Mistral, with logits processors and stop strings that look back into the prompt. Devices: the
+batch and the prefix reach a model on meta (standing in for a GPU) on meta; ``lmlab generate``
+takes --device / --dtype, and a missing CUDA is one line."""
+
+import json
 
 import pytest
 import torch
@@ -96,3 +100,60 @@ def test_left_padded_cache_moves_each_row_right(model, tokenizer):
     assert out.shape[0] == 3 and torch.equal(out[0], keys[0])
     assert torch.equal(out[1, :, 3:], keys[0, :, :-3]) and not out[1, :, :3].any() and not out[2].any()
     assert cache.layers[0].keys.shape[0] == 1  # the original still serves the next batch
+
+
+# --- devices: meta stands in for a GPU (a CPU tensor mixed with a meta one is a device error) --
+
+
+class _Stop(Exception):
+    """Raised by a forward pre-hook once it has seen the model's inputs (meta models cannot run)."""
+
+
+def test_sample_builds_its_batch_on_the_models_device(tokenizer):
+    model = build_model(preset_config("tiny-llama")).to("meta")
+    seen = []
+
+    def generate(input_ids, attention_mask, past_key_values=None, **options):  # a stand-in: meta holds no ids
+        seen.append((input_ids.device.type, attention_mask.device.type))
+        rows = input_ids.shape[0] * options["num_return_sequences"]
+        return torch.zeros(rows, input_ids.shape[1] + 2, dtype=torch.long)
+
+    model.generate = generate
+    config = SamplingConfig(max_new_tokens=2, samples=2, batch_size=3)
+    out = sample(model, tokenizer, PROMPTS, config, progress=False, shared_prefix=False)
+    assert [len(t) for t in out] == [2] * 4 and seen == [("meta", "meta")] * 2
+
+    def hook(module, args, kwargs):
+        seen.append(kwargs["input_ids"].device.type)
+        raise _Stop
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    with pytest.raises(_Stop):  # the shared prefix runs through the model first
+        sample(model, tokenizer, PROMPTS, config, progress=False)
+    assert seen[-1] == "meta"
+
+
+def test_cli_generate_on_a_chosen_device_and_dtype(tiny_model_dir, tmp_path, capsys):
+    from lmlab.cli import main
+
+    (tmp_path / "p.txt").write_text("The weather today\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", tiny_model_dir, "--prompts", str(tmp_path / "p.txt"), "--output", str(out),
+                 "--max-new-tokens", "3", "--device", "cpu", "--dtype", "fp32", "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["texts"] == 1 and len(out.read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("device,message", [
+    ("tpu", "device must be one of"),
+    pytest.param("cuda", "--device cuda: this machine has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_cli_generate_missing_device_is_one_line(tmp_path, capsys, device, message):
+    from lmlab.cli import main
+
+    (tmp_path / "p.txt").write_text("The weather today\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--prompts", str(tmp_path / "p.txt"), "--output", str(out), "--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lmlab: error: ") and message in err[0], err
+    assert not out.exists()

@@ -1,11 +1,13 @@
 """Embedding inversion. Pure parts (pooling, the bag-of-words proxy, word moves, vocabulary
 filtering) against hand-written cases; the search and the CLI on tiny random encoders (a BERT in
 sentence-transformers layout, a CLIP text tower) with a 70-word WordPiece vocabulary; every bad
-input is one line and leaves no output. The real MiniLM (slow): equal to sentence-transformers,
-HotFlip finds word endings, and the search recovers real phrases exactly."""
+input is one line and leaves no output. Devices: with the encoder on meta (standing in for a GPU),
+every tensor the encoder and the search build lands there. The real MiniLM (slow): equal to
+sentence-transformers, HotFlip finds word endings, and the search recovers real phrases exactly."""
 
 import json
 from importlib import metadata
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import torch
 from lmlab import LmlabError
 from lmlab.cli import main
 from lmlab.invert import (
+    Guess,
     InvertConfig,
     candidate_words,
     check_dimension,
@@ -180,6 +183,86 @@ def test_search_is_deterministic(tiny_bert):
     assert [(g.text, g.cosine, g.runners_up) for g in first] == [(g.text, g.cosine, g.runners_up) for g in second]
 
 
+# --- devices: meta stands in for a GPU (a CPU tensor mixed with a meta one is a device error) --
+
+
+class _Stop(Exception):
+    """Raised by a forward pre-hook once it has seen the model's inputs (meta models cannot run)."""
+
+
+def _stop_at_forward(model, seen: list) -> None:
+    def hook(module, args, kwargs):
+        seen.extend(t.device.type for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
+        raise _Stop
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("which", ["tiny_bert", "tiny_clip"])
+def test_encode_sends_its_batch_to_the_encoders_device(request, which):
+    encoder = load_encoder(request.getfixturevalue(which), device="meta")
+    assert encoder.device.type == "meta"
+    empty = encoder.encode([])
+    assert empty.shape == (0, encoder.dim) and empty.device.type == "meta"
+    seen = []
+    _stop_at_forward(encoder.model, seen)
+    with pytest.raises(_Stop):
+        encoder.encode(["a red car", "fire"])
+    assert seen and set(seen) == {"meta"}
+
+
+def test_hotflip_builds_its_inputs_on_the_encoders_device(tiny_bert):
+    """A stand-in forward (differentiable, no data-dependent branches) lets HotFlip run on meta up
+    to reading its top-k ids, the one step that needs values."""
+    encoder = load_encoder(tiny_bert, device="meta")
+    sets = flip_sets(encoder.tokenizer, "meta")
+    assert {ids.device.type for _, ids in sets.values()} == {"meta"}
+    seen = []
+
+    def forward(inputs_embeds, attention_mask):
+        seen.extend([inputs_embeds.device.type, attention_mask.device.type])
+        return SimpleNamespace(last_hidden_state=inputs_embeds.tanh())
+
+    encoder.model.forward = forward
+    for candidates in (sets, flip_sets(encoder.tokenizer)):  # ids on the CPU are moved, not mixed
+        with pytest.raises(NotImplementedError, match="meta"):
+            hotflip(encoder, candidates, ("red", "car"), torch.empty(32, device="meta"), 1, False, False, 4)
+    assert seen == ["meta"] * 4
+
+
+def test_invert_moves_targets_and_vocabulary_to_the_encoders_device(tiny_bert, monkeypatch):
+    from lmlab.invert import search
+
+    encoder = load_encoder(tiny_bert)
+    words, vectors = vocabulary(encoder, progress=False)  # on disk now, from the CPU
+    encoder.model.to("meta")
+    again, on_meta = vocabulary(encoder, progress=False)
+    assert again == words and on_meta.device.type == "meta"
+    seen = []
+
+    def one(target, enc, words_, vectors_, config, sets=None):
+        seen.append((target.device.type, vectors_.device.type, {ids.device.type for _, ids in sets.values()}))
+        return Guess("x", 1.0, [], 0.0)
+
+    monkeypatch.setattr(search, "invert_one", one)
+    invert(torch.randn(2, 32), encoder, progress=False)  # CPU targets, as load_targets returns them
+    assert seen == [("meta", "meta", {"meta"})] * 2
+    monkeypatch.undo()
+    with pytest.raises(NotImplementedError, match="meta"):  # moved, then read: never a device mismatch
+        invert_one(torch.randn(32), encoder, words, vectors, InvertConfig())
+
+
+def test_bf16_encoder_gives_fp32_unit_vectors_and_its_own_cache(tiny_bert, cache):
+    fp32, bf16 = load_encoder(tiny_bert), load_encoder(tiny_bert, dtype=torch.bfloat16)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    a, b = fp32.encode(["a red car"]), bf16.encode(["a red car"])
+    assert b.dtype == torch.float32 and (a @ b.T).item() > 0.99
+    torch.testing.assert_close(b.norm(dim=1), torch.ones(1))
+    vocabulary(fp32, progress=False), vocabulary(bf16, progress=False)
+    assert len(list((cache / "invert").glob("*.safetensors"))) == 2  # bf16 embeddings differ: their own file
+    assert len(hotflip(bf16, flip_sets(bf16.tokenizer), ("red", "car"), a[0], 1, False, False, 4)) == 4
+
+
 @pytest.mark.parametrize("which", ["tiny_bert", "tiny_clip"])
 def test_cli_end_to_end(request, which, tmp_path, capsys):
     path = request.getfixturevalue(which)
@@ -238,6 +321,9 @@ def _targets(tmp_path, dim=32):
     (["--encoder", "/nowhere/encoder"], "cannot load encoder '/nowhere/encoder'"),
     (["--encoder", "no-such-org/no-such-encoder"], "cannot load encoder 'no-such-org/no-such-encoder'"),
     (["--report", "{out}"], "would be overwritten by the JSON report"),
+    (["--device", "tpu"], "device must be one of"),
+    pytest.param(["--device", "cuda"], "--device cuda: this machine has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_options_are_one_line_and_no_output(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -246,7 +332,7 @@ def test_bad_options_are_one_line_and_no_output(tmp_path, capsys, monkeypatch, a
     argv = ["invert", "--embeddings", _targets(tmp_path), "--output", str(out), *args]
     assert main([a.replace("{out}", str(out)) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+    assert len(err) == 1 and err[0].startswith("lmlab: error: ") and message in err[0], err
     assert not out.exists()
 
 

@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from conftest import logits, randomize, tiny
 
 from lmlab import LmlabError
@@ -151,3 +153,39 @@ def test_disabled_is_the_base_model(family, ids, mode):
     with lora.disabled(model):
         assert torch.allclose(logits(model, x), logits(base.eval(), x), atol=1e-5)
     assert torch.allclose(logits(model, x), adapted) and not torch.allclose(adapted, logits(base, x), atol=1e-3)
+
+
+class PackedLinear(nn.Linear):
+    """A stand-in for bitsandbytes' Linear4bit: the weight is stored packed (int8, shape (n, 1)),
+    not as (d_out, d_in) floats, and dequantised in forward."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__(d_in, d_out, bias=False)
+        w = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(0))
+        self.scale = float(w.abs().max()) / 7
+        packed = (w / self.scale).round().clamp(-8, 7).to(torch.int8).reshape(-1, 1)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.reshape(self.out_features, self.in_features).float() * self.scale)
+
+
+def test_lora_on_a_quantised_base_layer():
+    """QLoRA: LoRA's shapes come from in/out_features (not the packed weight), its weights are fp32,
+    the base is never merged into (eval() leaves it untouched) and merge_and_unload refuses."""
+    base = PackedLinear(12, 20)
+    layer = lora.LoraLayer(base, r=4, alpha=8.0, dropout=0.0)
+    assert layer.quantized and layer.lora_A.weight.shape == (4, 12) and layer.lora_B.weight.shape == (20, 4)
+    assert layer.lora_A.weight.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    packed = base.weight.detach().clone()
+    x = torch.randn(3, 12)
+    expected = base(x) + 2.0 * layer.lora_B(layer.lora_A(x))
+    for mode in (True, False):
+        layer.train(mode)
+        assert torch.equal(base.weight, packed) and not layer.merged
+        torch.testing.assert_close(layer(x), expected)
+    model = nn.Sequential(layer)
+    with pytest.raises(LmlabError, match="quantised base"):
+        lora.merge_and_unload(model)

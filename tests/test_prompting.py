@@ -211,6 +211,8 @@ def test_cli_end_to_end(tiny_model_dir, gsm_dir, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert [r["strategy"] for r in summary["results"]] == list(STRATEGIES) and summary["n"] == 3
     assert summary["chat"] is True  # auto: SmolLM2's tokenizer has a template
+    if not torch.cuda.is_available():  # --device auto / --dtype auto on a CPU machine
+        assert (summary["device"], summary["dtype"]) == ("cpu", "fp32")
     assert all(r["n"] == 3 and 0 <= r["correct"] <= 3 and 0 <= r["unparseable"] <= 3 for r in summary["results"])
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 15 and {"prompt", "generation", "predicted", "correct", "answer"} <= set(records[0])
@@ -279,6 +281,9 @@ def _without_template(model_dir: str, where: Path) -> str:
     (["--strategies", "few-shot", "--shots", "50"], "training split has 9 problems"),
     (["--chat-template", "on"], "no chat template"),
     (["--dataset", "./nowhere"], "no such folder"),
+    (["--device", "tpu"], "device must be one of"),
+    pytest.param(["--device", "cuda"], "--device cuda: this machine has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_options(tiny_model_dir, gsm_dir, tmp_path, capsys, argv, message):
     model = _without_template(tiny_model_dir, tmp_path) if "--chat-template" in argv else tiny_model_dir

@@ -1,12 +1,9 @@
 """Fine-tuning end to end on a tiny model: outputs, label-only loss, resume after a kill, bad input."""
 
 import json
-import shutil
-import subprocess
-
 import pytest
 import torch
-from conftest import tiny
+from conftest import tiny, two_processes
 
 from lmlab import train as train_mod
 from lmlab.cli import main
@@ -96,20 +93,18 @@ def test_other_methods_train(method, tiny_model_dir, small_dataset, tmp_path):
     assert (tmp_path / method / "best").is_dir()
 
 
-def test_accelerate_launch_two_processes(tiny_model_dir, small_dataset, tmp_path):
-    accelerate = shutil.which("accelerate")
-    if accelerate is None:
-        pytest.skip("accelerate CLI not on PATH")
+def test_two_processes(tiny_model_dir, small_dataset, tmp_path):
+    """DDP on 2 CPU processes (torchrun; accelerate reads its environment): one writer."""
     out = tmp_path / "ddp"
-    cmd = [accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "lmlab.cli", "finetune", "--model", tiny_model_dir,
-           "--dataset", small_dataset, "--out-dir", str(out), "--max-iters", "2", "--eval-interval", "2",
-           "--batch-size", "4", "--rank", "4", "--no-progress", "--json"]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    done = two_processes("-m", "lmlab.cli", "finetune", "--model", tiny_model_dir, "--dataset", small_dataset,
+                         "--out-dir", str(out), "--max-iters", "2", "--eval-interval", "2", "--batch-size", "4",
+                         "--rank", "4", "--no-progress", "--json")
     assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text())["processes"] == 2
     assert (out / "last" / "adapter_model.safetensors").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2]  # one writer, not one per process
+    assert len(done.stdout.strip().splitlines()) == 1  # one report
 
 
 def test_report_to_tensorboard_writes_events(tiny_model_dir, small_dataset, tmp_path):

@@ -81,7 +81,7 @@ def test_green_list_cache_is_bounded_and_exact():
     lists = GreenLists(config, capacity=3)
     for prev in [5, 6, 7, 8, 5, 9]:
         assert torch.equal(lists.mask(prev).nonzero().flatten(), green_ids(prev, config).sort().values)
-    assert len(lists._masks) == 3
+    assert len(lists._caches[torch.device("cpu")]) == 3
 
 
 def test_processors_match_transformers_and_keep_padding_red():
@@ -102,6 +102,49 @@ def test_processors_match_transformers_and_keep_padding_red():
         green = torch.zeros(width, dtype=torch.bool)
         green[reference_greenlist(prev, vocab, 0.25)] = True
         assert torch.equal(hard[row, green], scores[row, green]) and torch.isneginf(hard[row, ~green]).all()
+
+
+def test_meta_tensors_catch_a_device_mismatch():
+    """The device tests below rely on torch refusing to mix a CPU mask with meta scores."""
+    with pytest.raises(RuntimeError, match="device"):
+        torch.empty(2, 5, device="meta").masked_fill(torch.zeros(5, dtype=torch.bool), 0.0)
+
+
+@pytest.mark.parametrize("scheme", ["no-e", "hard", "soft"])
+@pytest.mark.parametrize("extra", [4, -2])  # logits wider (padding rows) and narrower than |V|
+def test_processors_follow_the_scores_device(tokenizer, scheme, extra):
+    """Scores on another device (meta stands in for a GPU here): the result stays there, no
+    device mismatch, and a second step reuses the masks already there (no per-step copy)."""
+    processor = make_processor(scheme, tokenizer)
+    width = len(tokenizer) + extra
+    meta = torch.device("meta")
+    # red lists read the previous ids (a GPU's would be read too); meta tensors hold no values
+    input_ids = torch.tensor([[5, 17], [9, 17]], device="meta" if scheme == "no-e" else "cpu")
+    for _ in range(2):
+        out = processor(input_ids, torch.empty(2, width, device=meta))
+        assert out.device == meta and out.shape == (2, width)
+    if scheme == "no-e":
+        assert set(processor._masks) == {(width, meta)}
+        assert processor.mask(width, meta) is processor.mask(width, meta)
+    else:
+        cache = processor.lists._caches
+        assert set(cache) == {meta} and set(cache[meta]) == {17}  # one copy per previous token, on meta only
+        assert processor.lists.mask(17, meta) is cache[meta][17]
+
+
+def test_green_lists_ignore_the_default_device():
+    """Lists are drawn on the CPU generator whatever torch's default device, so generating on a GPU
+    (or with a default device set) marks text with the reference's lists."""
+    config = RedListConfig(vocab_size=1000)
+    lists = GreenLists(config)
+    with torch.device("meta"):
+        ids = green_ids(17, config)
+        mask = lists.mask(17)
+        soft = RedListLogitsProcessor(config, hard=False, lists=lists)(torch.tensor([[17]], device="cpu"),
+                                                                      torch.empty(1, 1000, device="meta"))
+    assert ids.device.type == "cpu" and torch.equal(ids, reference_greenlist(17, 1000, 0.25))
+    assert mask.device.type == "cpu" and torch.equal(mask.nonzero().flatten(), ids.sort().values)
+    assert soft.device.type == "meta" and lists.mask(17, "meta").device.type == "meta"
 
 
 @pytest.mark.parametrize("ignore_repeated", [False, True])
@@ -234,6 +277,21 @@ def test_cli_generate_classify_detect(tiny_model_dir, tmp_path, capsys):
                  "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["texts"]
     assert [r["watermarked"] for r in rows] == [False] * 8 + [True] * 8
+
+
+@pytest.mark.parametrize("device,message", [
+    ("tpu", "device must be one of"),
+    pytest.param("cuda", "--device cuda: this machine has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_cli_generate_missing_device_is_one_line(tmp_path, capsys, device, message):
+    (tmp_path / "prompts.txt").write_text("The weather today\n")
+    out = tmp_path / "soft.jsonl"
+    assert main(["watermark", "generate", "--scheme", "soft", "--prompts", str(tmp_path / "prompts.txt"),
+                 "--output", str(out), "--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lmlab: error: ") and message in err[0], err
+    assert not out.exists()
 
 
 def test_greenest_segmentation_recovers_the_sampled_ids(model, tokenizer):

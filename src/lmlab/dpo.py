@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.data import Encoded, left_pad_batch
-from lmlab.errors import Interrupted, LmlabError
+from lmlab.errors import LmlabError
 
 REF_FILE = "ref_logps.safetensors"
 
@@ -228,9 +228,9 @@ def train_dpo(model, tokenizer, method_config, train_pairs: list[Pair], val_pair
         ref_train = reference_logps(ref_model, train_pairs, pad_id, 2 * cfg.batch_size)
         ref_val = reference_logps(ref_model, val_pairs, pad_id, 2 * cfg.batch_size)
         del ref_model
-        from accelerate import PartialState
+        from lmlab.engine import is_main_process
 
-        if PartialState().is_main_process:
+        if is_main_process():
             save_tensors(ref_path, {"train_chosen": ref_train[0], "train_rejected": ref_train[1],
                                     "val_chosen": ref_val[0], "val_rejected": ref_val[1]})
     task = DpoTask(train_pairs, val_pairs, ref_train, ref_val, pad_id, config, 2 * cfg.batch_size)

@@ -26,15 +26,11 @@ from typing import Any, Protocol
 
 import torch
 
-from lmlab import devices, peft
+from lmlab import checkpoint, devices, peft
+from lmlab.checkpoint import check_out_dir  # noqa: F401  (re-exported)
 from lmlab.data import length_grouped_batches
 from lmlab.errors import Interrupted, LmlabError
-from lmlab.io import atomic_dir, committed_dir, load_tensors, save_tensors, write_json, write_text
-
-STATE_FILE = "trainer_state.json"
-TRAINABLE_FILE = "trainable.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-
+from lmlab.io import write_json, write_text
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -145,7 +141,7 @@ def fit(model, task: Task, method_config, cfg: TrainConfig, run_info: dict | Non
     ``Interrupted`` after saving ``last/`` on SIGINT/SIGTERM."""
     from accelerate.utils import set_seed
 
-    out = check_out_dir(cfg)
+    out = checkpoint.check_out_dir(cfg)
     device = devices.select_device(cfg.device)
     dtype = devices.select_dtype(cfg.dtype, device, warn_slow=False)
     accelerator = _accelerator(cfg, device, dtype, out)
@@ -164,12 +160,15 @@ def fit(model, task: Task, method_config, cfg: TrainConfig, run_info: dict | Non
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"step": 0, "best_val_loss": float("inf"), "best_step": 0, "last_val_loss": float("nan"), "seconds": 0.0}
     if cfg.resume:
-        state = _resume(out, model, optimizer, state, accelerator)
+        state = checkpoint.resume(out, model, optimizer, state, accelerator)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if "_sharded_optimizer" in state:  # a sharded optimizer's state is loaded once it is sharded again
+        optimizer.load_state_dict(state.pop("_sharded_optimizer"))
     device = accelerator.device
     params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP clips its own flat parameters
     if accelerator.is_main_process:
         write_json(out / "run.json", {**(run_info or {}), "train": asdict(cfg), "total_steps": total,
+                                      "processes": world, "distributed": str(accelerator.distributed_type.value),
                                       "method_config": {"method": peft.method_name(method_config),
                                                         **asdict(method_config)}})
         _rewrite_metrics(out, state["step"])
@@ -206,6 +205,7 @@ def fit(model, task: Task, method_config, cfg: TrainConfig, run_info: dict | Non
             if step % cfg.log_interval == 0 or is_eval:
                 row = {"step": step, "lr": lr, **{f"train_{k}": float(sum(w[k] for w in window)) / len(window)
                                                   for k in window[0]},
+                       "tokens": int(window_tokens),
                        "tokens_per_s": float(window_tokens) / max(time.time() - window_t0, 1e-9), "val_loss": None}
                 if is_eval:
                     row.update({f"val_{k}": v for k, v in evaluate().items()})
@@ -216,11 +216,11 @@ def fit(model, task: Task, method_config, cfg: TrainConfig, run_info: dict | Non
                 state.update(step=step, seconds=time.time() - start_time)
                 _log_row(out, row, accelerator if cfg.report_to != "none" else None)
                 if is_eval:
-                    _save_checkpoints(out, accelerator, wrapped, method_config, optimizer, state, step, row["val_loss"])
+                    checkpoint.save_checkpoints(out, accelerator, wrapped, method_config, optimizer, state, step, row["val_loss"])
                 accelerator.wait_for_everyone()
             if stop.is_set():  # SIGINT/SIGTERM: keep every completed step, then stop
                 state.update(step=step, seconds=time.time() - start_time)
-                _save_last(out, accelerator, wrapped, method_config, optimizer, state)
+                checkpoint.save_last(out, accelerator, wrapped, method_config, optimizer, state)
                 bar.close()
                 raise Interrupted(f"stopped at step {step} of {total}, saved in {out / 'last'}; continue with --resume")
     bar.close()
@@ -261,7 +261,6 @@ def enable_gradient_checkpointing(model) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise LmlabError(f"{type(model).__name__} does not support gradient checkpointing")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
 
 
 @contextmanager
@@ -282,94 +281,13 @@ def _stop_requests():
             signal.signal(sig, handler)
 
 
-# --- checkpoints -------------------------------------------------------------------------------
+def is_main_process() -> bool:
+    """Whether this is the process that prints and writes (the only one outside ``accelerate launch``
+    and torchrun). Read from the environment they set, not from accelerate's process state: asking
+    that first would fix it (on the CPU, as a single process) before the engine's Accelerator exists."""
+    import os
 
-
-def _trainable_state(accelerator, wrapped) -> tuple[Any, dict | None, dict]:
-    """(unwrapped model, full state dict or None, trainable tensors). Under FSDP / DeepSpeed the
-    parameters are sharded across processes: ``get_state_dict`` gathers them (every process must
-    call it); otherwise the unwrapped model's own tensors are the full state."""
-    from accelerate.utils import DistributedType
-
-    model = accelerator.unwrap_model(wrapped)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        full = accelerator.get_state_dict(wrapped)
-        return model, full, {n: full[n] for n in names if n in full}
-    own = dict(model.named_parameters())
-    return model, None, {n: own[n] for n in names}
-
-
-def _save_checkpoints(out: Path, accelerator, wrapped, method_config, optimizer, state: dict, step: int,
-                      val_loss: float) -> None:
-    """After an evaluation: ``best`` (the method's files) if ``val_loss`` beats it, then ``last``."""
-    if val_loss < state["best_val_loss"]:
-        state.update(best_val_loss=val_loss, best_step=step)
-        model, full, _ = _trainable_state(accelerator, wrapped)
-        if accelerator.is_main_process:
-            with atomic_dir(out / "best") as tmp:
-                peft.save(model, method_config, tmp, state_dict=full)
-                write_json(tmp / STATE_FILE, {"step": step, "val_loss": val_loss})
-    _save_last(out, accelerator, wrapped, method_config, optimizer, state)
-
-
-def _save_last(out: Path, accelerator, wrapped, method_config, optimizer, state: dict) -> None:
-    model, full, trainable = _trainable_state(accelerator, wrapped)
-    optim_state = optimizer.state_dict()
-    if not accelerator.is_main_process:
-        return
-    extra = {"scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {}
-    with atomic_dir(out / "last") as tmp:
-        peft.save(model, method_config, tmp, state_dict=full)  # first: full.save replaces the folder it is given
-        save_tensors(tmp / TRAINABLE_FILE, trainable)
-        torch.save({"optimizer": optim_state, "rng": devices.rng_state(), **extra}, tmp / OPTIMIZER_FILE)
-        write_json(tmp / STATE_FILE, state)
-
-
-def _resume(out: Path, model, optimizer, state: dict, accelerator) -> dict:
-    last = committed_dir(out / "last")
-    if last is None:
-        raise LmlabError(f"--resume: {out} has no checkpoint to resume from")
-    weights = load_tensors(last / TRAINABLE_FILE)
-    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != set(own) or any(weights[n].shape != own[n].shape for n in own):
-        raise LmlabError(f"--resume: the checkpoint in {last} was made for another model or method")
-    with torch.no_grad():
-        for n, p in own.items():
-            p.copy_(weights[n])
-    saved_optim = torch.load(last / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(saved_optim["optimizer"])  # moves the state to the parameters' device
-    devices.set_rng_state(saved_optim["rng"])  # dropout draws continue as if never stopped
-    if "scaler" in saved_optim and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(saved_optim["scaler"])
-    saved = json.loads((last / STATE_FILE).read_text())
-    if accelerator.is_main_process:
-        import sys
-
-        print(f"lmlab: resuming {out} at step {saved['step']}", file=sys.stderr, flush=True)
-    return {**state, **saved}
-
-
-def check_out_dir(cfg: TrainConfig) -> Path:
-    """Fail before any work if the out dir is unwritable, or holds a run and --resume was not given."""
-    out = Path(cfg.out_dir)
-    _check_writable(out)
-    has_run = committed_dir(out / "last") is not None
-    if has_run and not cfg.resume:
-        raise LmlabError(f"{out} already holds a run; pass --resume to continue it or choose another --out-dir")
-    if cfg.resume and not has_run:
-        raise LmlabError(f"--resume: {out} has no checkpoint to resume from")
-    return out
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{id(out)}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise LmlabError(f"cannot write to out dir {out}: {exc.strerror or exc}") from None
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _tracker(report_to: str):
@@ -416,9 +334,7 @@ def _finite(value):
 
 def _log_row(out: Path, row: dict, accelerator) -> None:
     """One metrics.jsonl line (main process only; non-finite numbers as null: valid JSON)."""
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
+    if not is_main_process():
         return
     row = {k: _finite(v) for k, v in row.items()}
     with open(out / "metrics.jsonl", "a") as f:

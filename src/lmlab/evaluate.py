@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lmlab.devices import model_device
 from lmlab.data import (
     Encoded,
     Example,
@@ -25,8 +24,9 @@ from lmlab.data import (
     label_token_ids,
     left_pad_batch,
 )
+from lmlab.devices import model_device
 from lmlab.errors import LmlabError
-from lmlab.kvcache import left_padded_cache, prefix_cache, shared_prefix_length
+from lmlab.kvcache import cache_arg, left_padded_cache, output_cache, prefix_cache, shared_prefix_length
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,8 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
                                              device=model_device(model))  # (B, T)
             cache = left_padded_cache(prefix, (mask == 0).sum(1).tolist()) if prefix is not None else None
             stop = _stop_when_decided(tokenizer, fmt.label_words, ids.shape[1]) if stop_when_decided else None
-            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, stopping_criteria=stop,
+            out = model.generate(input_ids=ids, attention_mask=mask, **cache_arg(model, cache),
+                                 stopping_criteria=stop,
                                  max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
                                  eos_token_id=tokenizer.eos_token_id if eos is None else eos)
             for i, text in zip(idx, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
@@ -255,9 +256,9 @@ def _prompt_forward(model, batch: list[Encoded], pad_id: int, shared: int, prefi
     ids, mask, pos, _ = left_pad_batch(batch, pad_id, with_completion=False, device=model_device(model))
     cache = left_padded_cache(prefix, (mask == 0).sum(1).tolist()) if prefix is not None else None
     start = shared if prefix is not None else 0
-    out = model(input_ids=ids[:, start:], attention_mask=mask, position_ids=pos[:, start:], past_key_values=cache,
+    out = model(input_ids=ids[:, start:], attention_mask=mask, position_ids=pos[:, start:], **cache_arg(model, cache),
                 use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1], out.past_key_values, mask, pos[:, -1] + 1
+    return out.logits[:, -1], output_cache(out), mask, pos[:, -1] + 1
 
 
 def _continuation_logprob(model, completion: list[int], cache, mask: torch.Tensor, next_pos: torch.Tensor):
@@ -269,7 +270,7 @@ def _continuation_logprob(model, completion: list[int], cache, mask: torch.Tenso
     logits = model(input_ids=torch.tensor([completion[:-1]], device=device).expand(rows, -1),
                    attention_mask=torch.cat([mask, mask.new_ones(rows, k)], 1),
                    position_ids=next_pos[:, None] + torch.arange(k, device=device),
-                   past_key_values=copy.deepcopy(cache), use_cache=True).logits  # (B, k, V)
+                   **cache_arg(model, copy.deepcopy(cache)), use_cache=True).logits  # (B, k, V)
     logp = logits.float().log_softmax(-1)
     targets = torch.tensor([completion[1:]], device=device).expand(rows, -1)
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1)

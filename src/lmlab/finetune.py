@@ -215,7 +215,9 @@ def run(config: FinetuneConfig) -> dict:
     run_info = {"model": config.model, "task": config.task, "dataset": dataset, "method": config.method,
                 "max_length": config.max_length, "eval_limit": config.eval_limit, "trainable": trainable,
                 "total": total, "bits": bits, **task_info, "options": asdict(config)}
-    if not config.json:
+    from lmlab.engine import is_main_process
+
+    if not config.json and is_main_process():
         print(f"lmlab: {config.method} on {config.model}: {trainable:,} of {total:,} parameters train "
               f"({100 * trainable / total:.3f} %); {len(train_items)} training {config.task} examples",
               file=sys.stderr, flush=True)

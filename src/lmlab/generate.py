@@ -64,7 +64,7 @@ def sample(model, tokenizer, prompts: list[str] | list[list[int]], config: Sampl
     from transformers import LogitsProcessorList
 
     from lmlab.evaluate import _inference, _pad_id
-    from lmlab.kvcache import left_padded_cache, prefix_cache, shared_prefix_length
+    from lmlab.kvcache import cache_arg, left_padded_cache, prefix_cache, shared_prefix_length
 
     if not prompts:
         raise LmlabError("no prompts")
@@ -106,7 +106,7 @@ def sample(model, tokenizer, prompts: list[str] | list[list[int]], config: Sampl
             # generate repeats each row ``samples`` times, but not a cache: its rows come repeated
             shifts = [width - len(encoded[i]) for i in idx for _ in range(config.samples)]
             cache = left_padded_cache(prefix, shifts) if prefix is not None else None
-            out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+            out = model.generate(input_ids=ids, attention_mask=mask, **cache_arg(model, cache),
                                  **options)  # (B * samples, T + new)
             texts = tokenizer.batch_decode(out[:, ids.shape[1]:] if decoder_only else out, skip_special_tokens=True)
             for row, i in enumerate(idx):

@@ -17,6 +17,20 @@ import copy
 import torch
 
 
+def cache_arg(model, cache) -> dict:
+    """``{name: cache}`` for ``model(...)`` and ``generate``: transformers >= 5.24 calls it ``cache``
+    (``past_key_values`` still works there but warns), earlier 5.x releases ``past_key_values``."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def output_cache(out):
+    """The KV cache a forward returned, under either name (see ``cache_arg``)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 def shared_prefix_length(prompts: list[list[int]], minimum: int = 4) -> int:
     """Tokens at the start of every prompt, leaving each at least one of its own; 0 if < ``minimum``."""
     first, n = prompts[0], min(len(p) for p in prompts) - 1
@@ -34,7 +48,7 @@ def prefix_cache(model, prefix: list[int]):
     from lmlab.devices import model_device
 
     ids = torch.tensor([prefix], device=model_device(model))
-    cache = model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+    cache = output_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))
     layers = getattr(cache, "layers", None)
     return cache if layers and all(type(layer) is DynamicLayer for layer in layers) else None
 

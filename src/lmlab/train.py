@@ -19,10 +19,8 @@ import torch.nn.functional as F
 
 from lmlab import peft
 from lmlab.data import Encoded, left_pad_batch
+from lmlab.checkpoint import OPTIMIZER_FILE, STATE_FILE, TRAINABLE_FILE  # noqa: F401  (re-exported)
 from lmlab.engine import (  # noqa: F401  (re-exported: the trainer's public names)
-    OPTIMIZER_FILE,
-    STATE_FILE,
-    TRAINABLE_FILE,
     TrainConfig,
     TrainResult,
     check_out_dir,

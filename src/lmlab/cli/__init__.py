@@ -123,7 +123,11 @@ def run_finetune(args: argparse.Namespace) -> dict:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from lmlab.engine import is_main_process
+
     r = run_finetune(args)
+    if not is_main_process():  # under accelerate launch / torchrun, one process reports
+        return 0
     if args.json:
         print(json.dumps(r))
     else:

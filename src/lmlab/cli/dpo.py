@@ -59,6 +59,10 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     run_info = {"model": args.model, "ref_model": args.ref_model, "task": "dpo", "data": args.data, "method": args.method,
                 "trainable": trainable, "total": total, "bits": bits}
     result = train_dpo(model, tokenizer, method, train_pairs, val_pairs, config, cfg, run_info, reference)
+    from lmlab.engine import is_main_process
+
+    if not is_main_process():  # under accelerate launch / torchrun, one process reports
+        return 0
     if args.json:
         print(json.dumps(result))
     else:

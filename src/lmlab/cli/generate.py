@@ -8,7 +8,9 @@ from pathlib import Path
 
 from lmlab.cli._args import (
     DEFAULT_MODEL,
+    add_device_args,
     add_sampling_args,
+    placement,
     print_json,
     sampling_config,
 )
@@ -25,15 +27,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     suffix = Path(args.output).suffix.lower()
     if suffix not in (".jsonl", ".txt"):
         raise LmlabError(f"--output must end in .jsonl or .txt, got {args.output!r}")
+    device, dtype = placement(args)
     field = "post" if args.tldr else "prompt"
     prompts = read_texts(args.prompts, field=field)
     if args.tldr:
         prompts = [summary_prompt(p) for p in prompts]
     config = sampling_config(args)
     if args.adapter:
-        model, tokenizer, _ = load_checkpoint(args.adapter, args.model)
+        model, tokenizer, _ = load_checkpoint(args.adapter, args.model, device=device, dtype=dtype)
     else:
-        model, tokenizer = load_model(args.model or DEFAULT_MODEL)
+        model, tokenizer = load_model(args.model or DEFAULT_MODEL, device=device, dtype=dtype)
     t0 = time.perf_counter()
     outputs = sample(model, tokenizer, prompts, config, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
@@ -65,4 +68,5 @@ def register(sub) -> None:
     p.add_argument("--first-line", action="store_true", help="keep each sample's first line only (summaries)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
+    add_device_args(p)
     p.set_defaults(func=cmd_generate)

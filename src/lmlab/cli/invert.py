@@ -6,7 +6,7 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-from lmlab.cli._args import positive_float, positive_int, print_json
+from lmlab.cli._args import add_device_args, positive_float, positive_int, print_json
 from lmlab.errors import LmlabError
 
 
@@ -24,8 +24,13 @@ def cmd_invert(args: argparse.Namespace) -> int:
     if Path(report).resolve() == Path(args.output).resolve():
         raise LmlabError(f"--output {args.output} would be overwritten by the JSON report: give --report FILE")
     config = InvertConfig(max_words=args.max_words, beam=args.beam, time_budget=args.time_budget, seed=args.seed)
-    targets = load_targets(args.embeddings)  # every check before any work or output: the file first,
-    encoder = load_encoder(args.encoder)  # then the encoder (seconds),
+    from lmlab.devices import select_device, select_dtype
+
+    device = select_device(args.device)  # every check before any work or output: the device first,
+    # --dtype auto is fp32 here, on a GPU too: the search compares cosines to 1e-5 (the encoders are small)
+    dtype = select_dtype("fp32" if args.dtype == "auto" else args.dtype, device)
+    targets = load_targets(args.embeddings)  # then the file,
+    encoder = load_encoder(args.encoder, device=device, dtype=dtype)  # then the encoder (seconds),
     check_dimension(targets, encoder.dim, args.embeddings)  # then the two against each other
     guesses = invert(targets, encoder, config, progress=not args.no_progress)
     rows = [{"row": i, "guess": g.text, "cosine": g.cosine, "seconds": g.seconds,
@@ -44,7 +49,9 @@ def cmd_invert(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("invert", help="recover short texts from their embeddings (safety-filter inversion)")
+    p = sub.add_parser("invert", help="recover short texts from their embeddings (safety-filter inversion)",
+                       description="Recover short texts from their embeddings by a search over words. --dtype auto "
+                                   "is fp32 here, on a GPU too: the search compares cosines to 1e-5.")
     p.add_argument("--embeddings", required=True, help=".npy, .pt or .safetensors, one embedding per row")
     p.add_argument("--encoder", default="minilm", help="minilm (all-MiniLM-L6-v2, embedded), a sentence-transformers "
                                                        "folder, or a CLIP text-encoder folder")
@@ -56,4 +63,5 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
+    add_device_args(p)  # --dtype auto means fp32 here: cosines are compared to 1e-5
     p.set_defaults(func=cmd_invert)

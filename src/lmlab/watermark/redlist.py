@@ -48,56 +48,64 @@ class RedListConfig:
 
 
 def green_ids(previous: int, config: RedListConfig) -> torch.Tensor:
-    """The green list after token ``previous``: the reference's ``_get_greenlist_ids`` (simple_1)."""
+    """The green list after token ``previous``: the reference's ``_get_greenlist_ids`` (simple_1).
+    Always drawn on the CPU (whatever torch's default device), so every device gets the same list."""
     rng = torch.Generator(device="cpu")
     rng.manual_seed((config.key * int(previous)) % (2**64 - 1))
-    return torch.randperm(config.vocab_size, generator=rng)[:config.green_size]
+    return torch.randperm(config.vocab_size, generator=rng, device="cpu")[:config.green_size]
 
 
 class GreenLists:
-    """Green-list masks by previous token, computed once each (an LRU of ``capacity`` masks).
+    """Green-list masks by previous token, computed once each (an LRU of ``capacity`` masks per device).
 
     A ``randperm`` of 49k ids costs ~0.4 ms; text repeats previous tokens often (spaces, "the",
-    punctuation), so caching removes most of them from generation and detection alike.
+    punctuation), so caching removes most of them from generation and detection alike. Every list
+    is drawn on the CPU generator (the same lists on every device, as the reference's); a device's
+    cache holds its own copies, so generating on a GPU copies a mask there once, not every step.
     """
 
     def __init__(self, config: RedListConfig, capacity: int = 4096):
         self.config, self.capacity = config, capacity
-        self._masks: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._caches: dict[torch.device, OrderedDict[int, torch.Tensor]] = {}
 
-    def mask(self, previous: int) -> torch.Tensor:
-        """(|V|,) bool, True for green."""
-        found = self._masks.get(previous)
+    def mask(self, previous: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(|V|,) bool on ``device``, True for green."""
+        device = torch.device(device)
+        cache = self._caches.setdefault(device, OrderedDict())
+        found = cache.get(previous)
         if found is not None:
-            self._masks.move_to_end(previous)
+            cache.move_to_end(previous)
             return found
-        mask = torch.zeros(self.config.vocab_size, dtype=torch.bool)
+        mask = torch.zeros(self.config.vocab_size, dtype=torch.bool, device="cpu")
         mask[green_ids(previous, self.config)] = True
-        self._masks[previous] = mask
-        if len(self._masks) > self.capacity:
-            self._masks.popitem(last=False)
+        cache[previous] = mask = mask.to(device)
+        if len(cache) > self.capacity:
+            cache.popitem(last=False)
         return mask
 
     def is_green(self, previous: int, token: int) -> bool:
         return 0 <= token < self.config.vocab_size and bool(self.mask(previous)[token])
 
-    def batch_mask(self, previous: torch.Tensor, width: int) -> torch.Tensor:
-        """(B, width) bool green masks for a batch of previous tokens; columns >= |V| are red."""
-        masks = torch.stack([self.mask(token) for token in previous.tolist()])  # (B, |V|)
+    def batch_mask(self, previous: torch.Tensor, width: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """(B, width) bool green masks for a batch of previous tokens, on ``device`` (default:
+        ``previous``'s); columns >= |V| are red."""
+        device = previous.device if device is None else torch.device(device)
+        masks = torch.stack([self.mask(token, device) for token in previous.tolist()])  # (B, |V|)
         if width > self.config.vocab_size:
             return torch.cat([masks, masks.new_zeros(len(masks), width - self.config.vocab_size)], dim=1)
         return masks[:, :width]
 
 
 class RedListLogitsProcessor:
-    """transformers ``LogitsProcessor``: ``hard`` bans red tokens, else red logits lose δ."""
+    """transformers ``LogitsProcessor``: ``hard`` bans red tokens, else red logits lose δ. The
+    masks follow ``scores.device`` (the model's)."""
 
     def __init__(self, config: RedListConfig, hard: bool, lists: GreenLists | None = None):
         self.config, self.hard = config, hard
         self.lists = lists or GreenLists(config)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        green = self.lists.batch_mask(input_ids[:, -1], scores.shape[-1])  # (B, W)
+        green = self.lists.batch_mask(input_ids[:, -1], scores.shape[-1], scores.device)  # (B, W)
         if self.hard:
             return scores.masked_fill(~green, float("-inf"))
         return torch.where(green, scores, scores - self.config.delta)

@@ -1,0 +1,153 @@
+"""Checkpoints of a training run: ``best/`` and ``last/`` written atomically, and resume.
+
+``best/`` holds the method's files (a PEFT adapter for LoRA) at the lowest validation loss;
+``last/`` also holds the trainable tensors, the optimizer state (one file per process when the
+optimizer is sharded: FSDP, ZeRO), every process's random state and the step, so a resumed run
+replays exactly what an uninterrupted one would have done. Under FSDP / ZeRO-3 the trainable
+parameters are gathered from all processes first (every process takes part); only the main
+process writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmlab import devices, peft
+from lmlab.errors import LmlabError
+from lmlab.io import atomic_dir, committed_dir, load_tensors, save_tensors, write_json
+
+STATE_FILE = "trainer_state.json"
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+
+if TYPE_CHECKING:
+    from lmlab.engine import TrainConfig
+
+
+def trainable_state(accelerator, wrapped) -> tuple[Any, dict | None, dict]:
+    """(unwrapped model, full state dict or None, trainable tensors). Under FSDP / DeepSpeed the
+    parameters are sharded across processes: ``get_state_dict`` gathers them (every process must
+    call it); otherwise the unwrapped model's own tensors are the full state."""
+    model = accelerator.unwrap_model(wrapped)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if sharded(accelerator):
+        full = accelerator.get_state_dict(wrapped)
+        return model, full, {n: full[n] for n in names if n in full}
+    own = dict(model.named_parameters())
+    return model, None, {n: own[n] for n in names}
+
+
+def save_checkpoints(out: Path, accelerator, wrapped, method_config, optimizer, state: dict, step: int,
+                     val_loss: float) -> None:
+    """After an evaluation: ``best`` (the method's files) if ``val_loss`` beats it, then ``last``."""
+    if val_loss < state["best_val_loss"]:
+        state.update(best_val_loss=val_loss, best_step=step)
+        model, full, _ = trainable_state(accelerator, wrapped)
+        if accelerator.is_main_process:
+            with atomic_dir(out / "best") as tmp:
+                peft.save(model, method_config, tmp, state_dict=full)
+                write_json(tmp / STATE_FILE, {"step": step, "val_loss": val_loss})
+    save_last(out, accelerator, wrapped, method_config, optimizer, state)
+
+
+def sharded(accelerator) -> bool:
+    """Whether each process holds only part of the parameters and optimizer state (FSDP, DeepSpeed)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def save_last(out: Path, accelerator, wrapped, method_config, optimizer, state: dict) -> None:
+    """``last/``: the method's files, the trainable tensors, the optimizer and random state, the step.
+    Sharded optimizers (FSDP, ZeRO) hold a different part on every process: each process stages its
+    own ``optimizer.rank<N>.pt`` and the main process moves them into the folder before it commits."""
+    model, full, trainable = trainable_state(accelerator, wrapped)
+    optim_state = {"optimizer": optimizer.state_dict(), "rng": devices.rng_state()}
+    if accelerator.num_processes > 1 and not sharded(accelerator):
+        from accelerate.utils import gather_object
+
+        # each process drew its own dropout masks (batches differ in shape): keep every generator
+        optim_state["rng_per_rank"] = gather_object([optim_state["rng"]])
+    if accelerator.scaler is not None:
+        optim_state["scaler"] = accelerator.scaler.state_dict()
+    is_sharded = sharded(accelerator)
+    staging = out / f".last.rank-optimizers.{state['step']}"
+    if is_sharded:
+        staging.mkdir(exist_ok=True)
+        torch.save(optim_state, staging / f"optimizer.rank{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        import shutil
+
+        with atomic_dir(out / "last") as tmp:
+            peft.save(model, method_config, tmp, state_dict=full)  # first: full.save replaces the folder it is given
+            save_tensors(tmp / TRAINABLE_FILE, trainable)
+            if is_sharded:
+                for part in staging.iterdir():
+                    part.rename(tmp / part.name)
+            else:
+                torch.save(optim_state, tmp / OPTIMIZER_FILE)
+            write_json(tmp / STATE_FILE, state)
+        shutil.rmtree(staging, ignore_errors=True)
+    if is_sharded:
+        accelerator.wait_for_everyone()  # the staging folder is gone before any process saves again
+
+
+def resume(out: Path, model, optimizer, state: dict, accelerator) -> dict:
+    last = committed_dir(out / "last")
+    if last is None:
+        raise LmlabError(f"--resume: {out} has no checkpoint to resume from")
+    weights = load_tensors(last / TRAINABLE_FILE)
+    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(own) or any(weights[n].shape != own[n].shape for n in own):
+        raise LmlabError(f"--resume: the checkpoint in {last} was made for another model or method")
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(weights[n])
+    ranked = last / f"optimizer.rank{accelerator.process_index}.pt"
+    if (last / OPTIMIZER_FILE).exists():
+        saved_optim = torch.load(last / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(saved_optim["optimizer"])  # moves the state to the parameters' device
+    elif ranked.exists():  # a sharded run: the optimizer is restored after accelerate wraps it (see fit)
+        saved_optim = torch.load(ranked, weights_only=True, map_location="cpu")
+        state = {**state, "_sharded_optimizer": saved_optim["optimizer"]}
+    else:
+        raise LmlabError(f"--resume: {last} has no optimizer state for process {accelerator.process_index} "
+                         f"(was it written by a run with another number of processes?)")
+    per_rank = saved_optim.get("rng_per_rank") or []
+    rank_rng = per_rank[accelerator.process_index] if len(per_rank) == accelerator.num_processes else None
+    devices.set_rng_state(rank_rng or saved_optim["rng"])  # dropout draws continue as if never stopped
+    if "scaler" in saved_optim and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(saved_optim["scaler"])
+    saved = json.loads((last / STATE_FILE).read_text())
+    if accelerator.is_main_process:
+        import sys
+
+        print(f"lmlab: resuming {out} at step {saved['step']}", file=sys.stderr, flush=True)
+    return {**state, **saved}
+
+
+def check_out_dir(cfg: TrainConfig) -> Path:
+    """Fail before any work if the out dir is unwritable, or holds a run and --resume was not given."""
+    out = Path(cfg.out_dir)
+    _check_writable(out)
+    has_run = committed_dir(out / "last") is not None
+    if has_run and not cfg.resume:
+        raise LmlabError(f"{out} already holds a run; pass --resume to continue it or choose another --out-dir")
+    if cfg.resume and not has_run:
+        raise LmlabError(f"--resume: {out} has no checkpoint to resume from")
+    return out
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{id(out)}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise LmlabError(f"cannot write to out dir {out}: {exc.strerror or exc}") from None
