@@ -282,3 +282,16 @@ def test_two_process_resume_equals_an_uninterrupted_run(sharded, tiny_model_dir,
     a = load_tensors(tmp_path / "whole" / "last" / "trainable.safetensors")
     b = load_tensors(tmp_path / "stopped" / "last" / "trainable.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dpo_reports_to_tensorboard(tiny_model_dir, tmp_path):
+    """DPO logs through accelerate's trackers as fine-tuning does (it had none before the engine);
+    tensorboard comes with the test extras."""
+    rows = [{"prompt": f"Review: film {i}.\nSentiment:", "chosen": " positive", "rejected": " negative"}
+            for i in range(12)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["dpo", "--model", tiny_model_dir, "--data", str(data), "--out-dir", str(tmp_path / "tb"),
+                 "--max-iters", "2", "--eval-interval", "2", "--batch-size", "4", "--rank", "4", "--no-progress",
+                 "--report-to", "tensorboard", "--json"]) == 0
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
