@@ -201,11 +201,19 @@ def test_generation_and_its_processors_see_the_models_device(tiny_model_dir):
 
 
 def test_dpo_makes_nothing_off_the_models_device(tiny_model_dir, tmp_path, monkeypatch):
-    from lmlab import engine
+    from lmlab import dpo, engine
     from lmlab.cli import main
 
     recorders = []
     real_fit = engine.fit  # dpo.train_dpo looks it up when it runs
+    real_reference = dpo.reference_logps
+
+    def recording_reference(model, *a, **k):  # the reference pass, before training
+        recorders.append(DeviceRecorder(model))
+        with torch.device("meta"):
+            return real_reference(model, *a, **k)
+
+    monkeypatch.setattr(dpo, "reference_logps", recording_reference)
 
     def recording_fit(model, *a, **k):
         recorders.append(DeviceRecorder(model))
@@ -220,4 +228,4 @@ def test_dpo_makes_nothing_off_the_models_device(tiny_model_dir, tmp_path, monke
     code = main(["dpo", "--model", tiny_model_dir, "--data", str(data), "--out-dir", str(tmp_path / "dpo"),
                  "--max-iters", "2", "--eval-interval", "1", "--batch-size", "4", "--rank", "4", "--no-progress",
                  "--json", "--device", "cpu"])
-    assert code == 0 and recorders[0].seen and recorders[0].strays() == []
+    assert code == 0 and len(recorders) == 3 and all(r.seen and r.strays() == [] for r in recorders)

@@ -114,6 +114,10 @@ def test_sweep_run_from_python_checks_every_run_before_training(tiny_model_dir, 
                         {"model": tiny_model_dir, "dataset": toy_dataset, "max_iters": 1, "no_progress": True})
     with pytest.raises(LmlabError, match="unknown finetune option 'bogus'"):
         sweep.run(runs, tmp_path / "sweep", eval_limit=4, device="cpu")
+    runs = sweep.expand([{"method": "lora", "rank": 4}, {"method": "adapter", "lr": "x"}],
+                        {"model": tiny_model_dir, "dataset": toy_dataset, "max_iters": 1, "no_progress": True})
+    with pytest.raises(LmlabError, match="finetune option lr: expected float, got 'x'"):
+        sweep.run(runs, tmp_path / "sweep", eval_limit=4, device="cpu")
     assert not (tmp_path / "sweep" / "lora-r4").exists(), "nothing trained before the grid was checked"
     runs = sweep.expand([{"method": "lora", "rank": 4}, {"method": "adapter", "bottleneck": 8}],
                         {"model": tiny_model_dir, "dataset": toy_dataset, "max_iters": 2, "eval_interval": 1,
@@ -173,34 +177,77 @@ def test_finetune_with_gradient_checkpointing_runs(tiny_model_dir, toy_dataset, 
     assert (tmp_path / "gc" / "best" / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("method", ["lora", "adapter", "full"])
-def test_bf16_mixed_precision_keeps_trainable_weights_in_fp32(method, tiny_model_dir, toy_dataset, tmp_path):
-    """--dtype bf16: the frozen base is stored in bf16 (full fine-tuning keeps fp32 master weights),
-    every trainable parameter is fp32, the forward runs under autocast, and the loss is finite."""
+def test_the_base_is_stored_in_the_compute_dtype_only_where_that_is_safe():
+    from lmlab.finetune import storage_dtype
+
+    cuda, cpu, bf16, fp32 = torch.device("cuda", 0), torch.device("cpu"), torch.bfloat16, torch.float32
+    assert storage_dtype("lora", cuda, bf16) == bf16  # a frozen base in bf16 on a GPU: half the memory
+    assert storage_dtype("adapter", cuda, torch.float16) == torch.float16
+    assert storage_dtype("full", cuda, bf16) == fp32  # fp32 master weights
+    assert storage_dtype("lora", cuda, bf16, fsdp=True) == fp32  # FSDP flattens one dtype per unit
+    assert storage_dtype("lora", cpu, bf16) == fp32  # the CPU's autocast does not cover a bf16 base
+
+
+@pytest.mark.parametrize("model_name, method", [("tiny-llama", "lora"), ("tiny-llama", "adapter"),
+                                                ("tiny-gpt2", "bitfit"), ("tiny-llama", "full")])
+def test_bf16_mixed_precision_on_the_cpu(model_name, method, tiny_model_dir, toy_dataset, tmp_path):
+    """--dtype bf16 on the CPU: fp32 weights, the forward under bf16 autocast (accelerate), every
+    trainable parameter fp32, a finite loss, for every method."""
+    from lmlab import finetune
     from lmlab.finetune import load_for_training, method_config
 
-    config = FinetuneConfig(model=tiny_model_dir, dataset=toy_dataset, out_dir=str(tmp_path / method), method=method,
+    model_dir = tiny_model_dir
+    if model_name == "tiny-gpt2":
+        from transformers import AutoTokenizer
+
+        model_dir = str(tmp_path / "gpt2")
+        tiny("tiny-gpt2").save_pretrained(model_dir)
+        AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
+    config = FinetuneConfig(model=model_dir, dataset=toy_dataset, out_dir=str(tmp_path / method), method=method,
                             rank=4, alpha=8.0, max_iters=2, eval_interval=2, no_progress=True, json=True,
                             device="cpu", dtype="bf16")
     model, _ = load_for_training(config.model, method_config(config), config.train_config())
-    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
-    assert frozen == (set() if method == "full" else {torch.bfloat16})
-    from lmlab import finetune
-
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
     result = finetune.run(config)
     assert result["steps"] == 2 and result["best_val_loss"] == result["best_val_loss"]  # not NaN
+    run = json.loads((tmp_path / method / "run.json").read_text())
+    assert run["train"]["dtype"] == "bf16"
+
+
+def test_fp16_training_on_the_cpu_is_one_line(tiny_model_dir, toy_dataset, tmp_path, capsys):
+    assert main(finetune_args(tiny_model_dir, toy_dataset, tmp_path / "r", "--device", "cpu", "--dtype", "fp16")) == 2
+    err = capsys.readouterr().err
+    assert "fp16 trains on a GPU only" in err and err.strip().count("\n") == 0
+
+
+def test_prefix_mlp_with_gradient_checkpointing_is_refused(tiny_model_dir, toy_dataset, tmp_path, capsys):
+    argv = finetune_args(tiny_model_dir, toy_dataset, tmp_path / "r", "--method", "prefix", "--prefix-hidden", "16",
+                         "--gradient-checkpointing")
+    assert main(argv) == 2 and "--prefix-hidden" in capsys.readouterr().err
+    assert main(finetune_args(tiny_model_dir, toy_dataset, tmp_path / "p", "--method", "prefix",
+                              "--gradient-checkpointing")) == 0  # plain prefixes are fine
 
 
 def test_lora_on_a_bf16_base_merges_in_the_base_dtype():
+    """Mixed precision: fp32 LoRA weights beside a bf16 base; eval() merges into bf16 (the
+    forward without autocast needs one dtype) and train() restores W0 exactly."""
     model = tiny("tiny-llama").to(torch.bfloat16)
     peft.apply(model, peft.make_config("lora", r=4, alpha=8.0))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
     layer = next(m for m in model.modules() if type(m).__name__ == "LoraLayer")
     with torch.no_grad():
         layer.lora_B.weight.normal_()
     w0 = layer.base_layer.weight.detach().clone()
+    ids = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
     model.eval()
     assert layer.base_layer.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        merged = model(input_ids=ids).logits
+    torch.testing.assert_close(merged.float(), unmerged.float(), atol=0.1, rtol=0.05)  # bf16 rounding
     model.train()
     assert torch.equal(layer.base_layer.weight, w0)
 

@@ -33,12 +33,19 @@ def trainable_state(accelerator, wrapped) -> tuple[Any, dict | None, dict]:
     parameters are sharded across processes: ``get_state_dict`` gathers them (every process must
     call it); otherwise the unwrapped model's own tensors are the full state."""
     model = accelerator.unwrap_model(wrapped)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    names = [clean_name(n) for n, p in model.named_parameters() if p.requires_grad]
     if sharded(accelerator):
         full = accelerator.get_state_dict(wrapped)
         return model, full, {n: full[n] for n in names if n in full}
     own = dict(model.named_parameters())
     return model, None, {n: own[n] for n in names}
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name as the plain model has it (FSDP and activation checkpointing wrap modules)."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
 
 
 def save_checkpoints(out: Path, accelerator, wrapped, method_config, optimizer, state: dict, step: int,

@@ -231,7 +231,9 @@ def left_pad_batch(items: list[Encoded], pad_id: int, with_completion: bool = Tr
         if with_completion:
             labels[i, k - len(it.completion_ids):] = torch.tensor(it.completion_ids, device=cpu)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return tuple(t.to(device, non_blocking=True) for t in (input_ids, mask, position_ids, labels))
+    device = torch.device(device)
+    # non-blocking only to CUDA (pinned or not, the copy is ordered); to MPS it can read freed memory
+    return tuple(t.to(device, non_blocking=device.type == "cuda") for t in (input_ids, mask, position_ids, labels))
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, mega: int = 50) -> list[list[int]]:

@@ -1,8 +1,8 @@
 """Where a model runs and in which precision: decided once, where the model is loaded.
 
-``--device auto`` takes CUDA, then Apple's MPS, then the CPU; ``--dtype auto`` takes bf16 on a GPU
-that supports it, else fp16 on a GPU, and fp32 on a CPU (bf16 matmuls are ~400x slower than fp32
-on the 2-core AVX2 machines lmlab is developed on). Everything lmlab builds on the way to the model
+``--device auto`` takes CUDA, then Apple's MPS, then the CPU; ``--dtype auto`` takes bf16 on a
+CUDA GPU that supports it natively, else fp16 there, and fp32 on a CPU or an Apple GPU (bf16
+matmuls are ~400x slower than fp32 on the 2-core AVX2 machines lmlab is developed on). Everything lmlab builds on the way to the model
 (batches, masks, caches, label ids, watermark masks) follows ``model_device(model)``.
 
 Random state: ``rng_state`` / ``set_rng_state`` cover the CPU generator and every CUDA device's,
@@ -11,6 +11,7 @@ so a resumed run draws the same dropout masks on a GPU as it would have without 
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -32,29 +33,40 @@ def _mps_available() -> bool:
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``auto``: cuda, then mps, then cpu. Asking for a device that is not there is one clear error."""
+    """``auto``: cuda, then mps, then cpu. Asking for a device that is not there is one clear error.
+
+    Under ``accelerate launch`` / torchrun each process takes its own GPU (``cuda:$LOCAL_RANK``),
+    and a chosen CUDA device becomes the current one, so that loading, accelerate and the CUDA
+    generator all use it."""
     if name not in DEVICES and not name.startswith("cuda:"):
         raise LmlabError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {name!r}")
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps") if _mps_available() else torch.device("cpu")
+            name = "cuda"
+        else:
+            return torch.device("mps") if _mps_available() else torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise LmlabError(f"--device {name}: this machine has no CUDA device usable by torch "
                              f"{torch.__version__} (CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
         index = torch.device(name).index
-        if index is not None and index >= torch.cuda.device_count():
+        if index is None:
+            index = int(os.environ.get("LOCAL_RANK", "0"))
+        if index >= torch.cuda.device_count():
             raise LmlabError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     if name == "mps" and not _mps_available():
         raise LmlabError("--device mps: Apple's MPS backend is not available here; use --device cpu")
     return torch.device(name)
 
 
 def bf16_supported(device: torch.device) -> bool:
+    """Native bf16 (not emulated: a V100 or T4 would run it slowly) on this device."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type in ("cpu", "mps")
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu"
 
 
 def select_dtype(name: str, device: torch.device, *, warn_slow: bool = True) -> torch.dtype:
@@ -64,13 +76,13 @@ def select_dtype(name: str, device: torch.device, *, warn_slow: bool = True) -> 
     far slower than fp32 there."""
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device.type == "mps" else torch.float32
+            return torch.bfloat16 if bf16_supported(device) else torch.float16
+        return torch.float32  # CPU; and MPS, whose half-precision training varies by macOS and torch
     if name not in DTYPES:
         raise LmlabError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")
     dtype = DTYPES[name]
-    if dtype == torch.bfloat16 and not bf16_supported(device):
-        raise LmlabError(f"--dtype bf16: {torch.cuda.get_device_name(device)} does not support bf16; use fp16")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not bf16_supported(device):
+        raise LmlabError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no native bf16; use fp16")
     if dtype != torch.float32 and device.type == "cpu" and warn_slow:
         warn(f"--dtype {name} on the CPU is far slower than fp32 there (bf16 matmuls were ~400x slower on "
              "an AVX2 CPU); fp32 is the CPU default")

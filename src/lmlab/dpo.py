@@ -224,9 +224,15 @@ def train_dpo(model, tokenizer, method_config, train_pairs: list[Pair], val_pair
         saved = load_tensors(ref_path)
         ref_train, ref_val = (saved["train_chosen"], saved["train_rejected"]), (saved["val_chosen"], saved["val_rejected"])
     else:
+        from lmlab import devices
+
         ref_model = reference() if reference is not None else model
-        ref_train = reference_logps(ref_model, train_pairs, pad_id, 2 * cfg.batch_size)
-        ref_val = reference_logps(ref_model, val_pairs, pad_id, 2 * cfg.batch_size)
+        device = devices.model_device(model)
+        dtype = devices.select_dtype(cfg.dtype, device, warn_slow=False)
+        # the same autocast the engine runs the policy under, so that at step 0 policy = reference
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            ref_train = reference_logps(ref_model, train_pairs, pad_id, 2 * cfg.batch_size)
+            ref_val = reference_logps(ref_model, val_pairs, pad_id, 2 * cfg.batch_size)
         del ref_model
         from lmlab.engine import is_main_process
 

@@ -161,11 +161,12 @@ def fit(model, task: Task, method_config, cfg: TrainConfig, run_info: dict | Non
     state = {"step": 0, "best_val_loss": float("inf"), "best_step": 0, "last_val_loss": float("nan"), "seconds": 0.0}
     if cfg.resume:
         state = checkpoint.resume(out, model, optimizer, state, accelerator)
+    _deepspeed_batch_size(accelerator, cfg.batch_size)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     if "_sharded_optimizer" in state:  # a sharded optimizer's state is loaded once it is sharded again
         optimizer.load_state_dict(state.pop("_sharded_optimizer"))
     device = accelerator.device
-    params = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP clips its own flat parameters
+    params = list(wrapped.parameters())  # all of them: accelerate's FSDP clipping expects the module's own
     if accelerator.is_main_process:
         write_json(out / "run.json", {**(run_info or {}), "train": asdict(cfg), "total_steps": total,
                                       "processes": world, "distributed": str(accelerator.distributed_type.value),
@@ -180,9 +181,10 @@ def fit(model, task: Task, method_config, cfg: TrainConfig, run_info: dict | Non
     step, window, window_tokens, window_t0 = state["step"], [], 0, time.time()
     start_time = time.time() - state["seconds"]
 
-    def evaluate() -> dict:
+    def evaluate() -> dict:  # sharded parameters are gathered by the wrapper's forward only
         with accelerator.autocast():
-            return task.evaluate(accelerator.unwrap_model(wrapped), device)
+            return task.evaluate(wrapped if checkpoint.sharded(accelerator) else accelerator.unwrap_model(wrapped),
+                                 device)
 
     with _stop_requests() as stop:
         while step < total:
@@ -190,9 +192,12 @@ def fit(model, task: Task, method_config, cfg: TrainConfig, run_info: dict | Non
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for micro in range(cfg.grad_accum):
-                batch = task.collate(schedule.batch(step * cfg.grad_accum + micro, rank), device)
-                loss, metrics, tokens = task.loss(wrapped, batch)
-                accelerator.backward(loss / cfg.grad_accum)
+                # accumulate(): no gradient all-reduce before the last micro-batch, and backward()
+                # divides the loss by grad_accum (DeepSpeed: its engine steps on the last one)
+                with accelerator.accumulate(wrapped):
+                    batch = task.collate(schedule.batch(step * cfg.grad_accum + micro, rank), device)
+                    loss, metrics, tokens = task.loss(wrapped, batch)
+                    accelerator.backward(loss)
                 window.append({k: v.detach() if torch.is_tensor(v) else v for k, v in metrics.items()})
                 window_tokens = window_tokens + tokens * world
             if cfg.max_grad_norm is not None:
@@ -216,9 +221,10 @@ def fit(model, task: Task, method_config, cfg: TrainConfig, run_info: dict | Non
                 state.update(step=step, seconds=time.time() - start_time)
                 _log_row(out, row, accelerator if cfg.report_to != "none" else None)
                 if is_eval:
-                    checkpoint.save_checkpoints(out, accelerator, wrapped, method_config, optimizer, state, step, row["val_loss"])
+                    checkpoint.save_checkpoints(out, accelerator, wrapped, method_config, optimizer, state, step,
+                                                row["val_loss"])
                 accelerator.wait_for_everyone()
-            if stop.is_set():  # SIGINT/SIGTERM: keep every completed step, then stop
+            if _stop_now(stop, accelerator):  # SIGINT/SIGTERM: keep every completed step, then stop
                 state.update(step=step, seconds=time.time() - start_time)
                 checkpoint.save_last(out, accelerator, wrapped, method_config, optimizer, state)
                 bar.close()
@@ -228,8 +234,26 @@ def fit(model, task: Task, method_config, cfg: TrainConfig, run_info: dict | Non
         accelerator.end_training()
     if accelerator.is_main_process:
         task.plot(read_metrics(out), out, (run_info or {}).get("method", ""))
+    accelerator.free_memory()  # the wrapped model and optimizer state go when the caller lets go
     return TrainResult(step, state["best_val_loss"], state["best_step"], state["last_val_loss"],
                        time.time() - start_time, str(out))
+
+
+def _stop_now(stop, accelerator) -> bool:
+    """Whether to stop after this step. With several processes, one signalled process stops them
+    all at the same step (each would otherwise wait for the others in a different collective)."""
+    if accelerator.num_processes == 1:
+        return stop.is_set()
+    flag = torch.tensor(float(stop.is_set()), device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum") > 0)
+
+
+def _deepspeed_batch_size(accelerator, batch_size: int) -> None:
+    """DeepSpeed configs usually leave the micro-batch size "auto", which accelerate fills from a
+    DataLoader; the engine has none, so it says the size itself."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
 
 
 def _accelerator(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, out: Path):
@@ -240,7 +264,8 @@ def _accelerator(cfg: TrainConfig, device: torch.device, dtype: torch.dtype, out
 
     AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=device.type == "cpu", mixed_precision=devices.mixed_precision(dtype),
-                       log_with=_tracker(cfg.report_to), project_dir=str(out))
+                       gradient_accumulation_steps=cfg.grad_accum, log_with=_tracker(cfg.report_to),
+                       project_dir=str(out))
 
 
 def set_dropout(model, p: float) -> None:

@@ -329,11 +329,16 @@ def evaluate_checkpoint(checkpoint, *, split: str = "test", limit: int | None = 
     from lmlab.finetune import task_format
     from lmlab.train import load_checkpoint
 
-    model, tokenizer, run_info = load_checkpoint(checkpoint, device=device, dtype=dtype)
-    options = run_info.get("options") or {}
+    import json
+    from pathlib import Path
+
+    run_file = Path(checkpoint) / "run.json"
+    run_file = run_file if run_file.exists() else Path(checkpoint).parent / "run.json"
+    bits = json.loads(run_file.read_text()).get("bits") if run_file.exists() else None  # QLoRA: its 4-bit base
+    model, tokenizer, run_info = load_checkpoint(checkpoint, device=device, dtype=dtype, bits=bits)
     fmt = task_format(_Saved(), run_info)
     examples = subsample(load_splits(run_info.get("dataset") or DEFAULT_DATASET, fmt, (split,))[split], limit)
-    max_length = options.get("max_length", run_info.get("max_length", 256))
+    max_length = run_info.get("max_length", 256)
     if scoring:
         return evaluate_scoring(model, tokenizer, fmt, examples, batch_size=batch_size, max_length=max_length,
                                 progress=progress)

@@ -51,7 +51,7 @@ class FinetuneConfig:
     epochs: float = 1.0
     eval_interval: int = 50
     eval_limit: int | None = 300
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0  # 0 or None: no clipping
     seed: int = 1337
     out_dir: str = "runs/finetune"
     resume: bool = False
@@ -74,6 +74,25 @@ class FinetuneConfig:
             raise LmlabError(f"unknown finetune option {unknown[0]!r} (see lmlab finetune --help)")
         return cls(**{k.replace("-", "_"): v for k, v in options.items()})
 
+    def check(self) -> FinetuneConfig:
+        """Every setting that can be checked without data or a model (types included), as one
+        error naming the setting; returns the config. A sweep checks all its runs this way first."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.type
+            accepted = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+            base = kind.replace(" | None", "").split(" | ")[0]
+            if value is None and "None" in kind:
+                continue
+            wrong_bool = base != "bool" and isinstance(value, bool)
+            if base in accepted and (not isinstance(value, accepted[base]) or wrong_bool):
+                raise LmlabError(f"finetune option {f.name}: expected {base}, got {value!r}")
+        self.train_config()
+        method_config(self)
+        _ = self.bits
+        if self.task not in ("classification", "completion", "summarization"):
+            raise LmlabError(f"task must be classification, completion or summarization, got {self.task!r}")
+        return self
+
     @property
     def bits(self) -> int | None:
         if self.load_in_4bit and self.load_in_8bit:
@@ -85,7 +104,7 @@ class FinetuneConfig:
 
         return TrainConfig(out_dir=self.out_dir, lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum,
                            max_iters=self.max_iters, epochs=self.epochs, eval_interval=self.eval_interval,
-                           max_grad_norm=self.max_grad_norm, dropout=self.dropout, seed=self.seed,
+                           max_grad_norm=self.max_grad_norm or None, dropout=self.dropout, seed=self.seed,
                            report_to=self.report_to, resume=self.resume, progress=not self.no_progress,
                            device=self.device, dtype=self.dtype, gradient_checkpointing=self.gradient_checkpointing)
 
@@ -135,21 +154,34 @@ def sft_data(options):
 def load_for_training(model_name: str, method, cfg, bits: int | None = None):
     """``(model, tokenizer)`` on ``cfg.device``, ``method`` applied, ready for the engine.
 
-    Mixed precision as in QLoRA and transformers' Trainer: a frozen base is stored in the compute
-    dtype (bf16 / fp16; or 4/8-bit with ``bits``), full fine-tuning keeps fp32 master weights, and
-    every trainable parameter is fp32 while the engine runs the forward under autocast."""
+    Mixed precision as in QLoRA and transformers' Trainer: on a GPU a frozen base is stored in the
+    compute dtype (bf16 / fp16; or 4/8-bit with ``bits``), every trainable parameter is fp32, and
+    the engine runs the forward under autocast. Full fine-tuning keeps fp32 master weights, and so
+    do CPU runs (memory is not what limits them, and the CPU's autocast does not cover every op a
+    half-precision base beside fp32 trainables needs) and FSDP runs (which flatten parameters of
+    one dtype and bring their own mixed-precision policy)."""
+    import os
+
     import torch
 
     from lmlab import devices, peft
     from lmlab.models import load_model
 
     device = devices.select_device(cfg.device)
+    if cfg.dtype == "fp16" and device.type == "cpu":
+        raise LmlabError("--dtype fp16 trains on a GPU only (torch has no fp16 autocast on the CPU); use fp32 "
+                         "or bf16 there")
     dtype = devices.select_dtype(cfg.dtype, device)
-    full = peft.method_name(method) == "full"
-    if bits is not None and peft.method_name(method) != "lora":
+    method_name = peft.method_name(method)
+    if bits is not None and method_name != "lora":
         raise LmlabError(f"--load-in-{bits}bit trains LoRA on a quantised frozen base (QLoRA); "
-                         f"--method {peft.method_name(method)} would have to train quantised weights")
-    model, tokenizer = load_model(model_name, device=device, dtype=torch.float32 if full else dtype, bits=bits)
+                         f"--method {method_name} would have to train quantised weights")
+    if cfg.gradient_checkpointing and method_name == "prefix" and getattr(method, "hidden", None):
+        raise LmlabError("--gradient-checkpointing with --prefix-hidden: the prefix MLP runs once inside the "
+                         "first checkpointed layer and its recomputation differs; drop one of the two")
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"  # set by accelerate launch
+    model, tokenizer = load_model(model_name, device=device, dtype=storage_dtype(method_name, device, dtype, fsdp),
+                                  bits=bits)
     torch.manual_seed(cfg.seed)  # the method's initial weights (LoRA's A, adapters' W_down) follow --seed
     if bits is not None:
         prepare_kbit(model)
@@ -160,6 +192,13 @@ def load_for_training(model_name: str, method, cfg, bits: int | None = None):
     if bits is None:
         model.to(device)
     return model, tokenizer
+
+
+def storage_dtype(method: str, device, dtype, fsdp: bool = False):
+    """The dtype the base model is stored in for training (see ``load_for_training``)."""
+    import torch
+
+    return torch.float32 if method == "full" or device.type == "cpu" or fsdp else dtype
 
 
 def prepare_kbit(model) -> None:

@@ -60,7 +60,8 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None =
     """Save a dict of tensors as safetensors, atomically (contiguous copies, shared storage split)."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    # copies on the CPU: a GPU model's weights are not duplicated on the GPU while they are written
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 

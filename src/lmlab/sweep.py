@@ -106,7 +106,7 @@ def run(runs: list[dict], out_dir: str | Path, *, split: str = "test", eval_limi
 
     out_dir = Path(out_dir)
     configs = [FinetuneConfig.from_options({"device": device, "dtype": dtype, **r,
-                                            "out_dir": str(out_dir / run_name(r))}) for r in runs]
+                                            "out_dir": str(out_dir / run_name(r))}).check() for r in runs]
     placement = devices.select_device(device)
     compute = devices.select_dtype(dtype, placement, warn_slow=False)
     for i, (settings, config) in enumerate(zip(runs, configs), 1):
