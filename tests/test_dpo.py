@@ -215,3 +215,37 @@ def test_ref_model_is_used_for_the_reference_log_probs(tiny_model_dir, pairs_fil
     assert not torch.allclose(theirs["train_chosen"], default["train_chosen"])
     first = json.loads((tmp_path / "other" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["train_loss"] != pytest.approx(math.log(2), abs=1e-3)
+
+
+@pytest.mark.parametrize("method", ["adapter", "prefix", "full"])
+def test_every_method_trains_with_dpo(method, tiny_model_dir, pairs_file, tmp_path, capsys):
+    """The shared engine trains any method; the reference is the model before the first step, so
+    the first step's loss is log 2 and the held-out margin grows on one preference."""
+    assert run(tiny_model_dir, pairs_file, tmp_path / method, "--max-iters", "4", "--method", method) == 0
+    rows = [json.loads(line) for line in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert rows[-1]["val_margin"] > 0
+    assert (tmp_path / method / "best").is_dir()
+
+
+def test_trainer_state_is_valid_json(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    """Before any evaluation the best loss is infinite: written as null (strict JSON), read back as inf."""
+    from contextlib import contextmanager
+
+    from lmlab import engine
+
+    class StopAtOnce:
+        def is_set(self):
+            return True
+
+    @contextmanager
+    def stop_requests():
+        yield StopAtOnce()
+
+    monkeypatch.setattr(engine, "_stop_requests", stop_requests)
+    assert run(tiny_model_dir, pairs_file, tmp_path / "r", "--max-iters", "4") == 130
+    text = (tmp_path / "r" / "last" / "trainer_state.json").read_text()
+    state = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert state["step"] == 1 and state["best_val_loss"] is None
+    monkeypatch.undo()
+    assert run(tiny_model_dir, pairs_file, tmp_path / "r", "--max-iters", "4", "--resume") == 0

@@ -157,3 +157,16 @@ def test_cli_generate_missing_device_is_one_line(tmp_path, capsys, device, messa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lmlab: error: ") and message in err[0], err
     assert not out.exists()
+
+
+def test_greedy_with_several_samples_is_one_line(tiny_model_dir, tmp_path, capsys):
+    from lmlab.cli import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", tiny_model_dir, "--prompts", str(prompts), "--samples", "3",
+                 "--temperature", "0", "--output", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmlab: error: --temperature 0 is greedy") and err.count("\n") == 1
+    assert not out.exists()

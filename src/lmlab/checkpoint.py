@@ -131,6 +131,9 @@ def resume(out: Path, model, optimizer, state: dict, accelerator) -> dict:
     if "scaler" in saved_optim and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(saved_optim["scaler"])
     saved = json.loads((last / STATE_FILE).read_text())
+    # written as null when not yet finite (valid JSON): no best yet, no evaluation yet
+    saved["best_val_loss"] = float("inf") if saved.get("best_val_loss") is None else saved["best_val_loss"]
+    saved["last_val_loss"] = float("nan") if saved.get("last_val_loss") is None else saved["last_val_loss"]
     if accelerator.is_main_process:
         import sys
 

@@ -10,8 +10,9 @@ chosen reward is higher (preference accuracy).
 
 The reference never changes, so its log-probabilities are computed once per pair before training
 and cached in the run folder (as TRL's ``precompute_ref_log_probs``): with LoRA from the same
-model with the adapter disabled (``lora.disabled``, no second copy), with full fine-tuning from
-the weights before the first step, so no frozen copy stays in memory either. Chosen and rejected
+model with the adapter disabled (``lora.disabled``, no second copy), with every other method (full,
+adapter, prefix, BitFit) from the model as it is before the first step, so no frozen copy stays
+in memory either and the first step's loss is log 2. Chosen and rejected
 completions go through one forward pass, left-padded so their tokens sit in the last k columns
 and the LM head runs there only.
 """

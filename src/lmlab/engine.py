@@ -30,7 +30,7 @@ from lmlab import checkpoint, devices, peft
 from lmlab.checkpoint import check_out_dir  # noqa: F401  (re-exported)
 from lmlab.data import length_grouped_batches
 from lmlab.errors import Interrupted, LmlabError
-from lmlab.io import write_json, write_text
+from lmlab.io import json_safe, write_json, write_text
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -353,15 +353,11 @@ def _rewrite_metrics(out: Path, upto_step: int) -> None:
     write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _finite(value):
-    return value if not isinstance(value, float) or math.isfinite(value) else None
-
-
 def _log_row(out: Path, row: dict, accelerator) -> None:
     """One metrics.jsonl line (main process only; non-finite numbers as null: valid JSON)."""
     if not is_main_process():
         return
-    row = {k: _finite(v) for k, v in row.items()}
+    row = json_safe(row)
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
     if accelerator is not None:

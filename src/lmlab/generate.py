@@ -38,6 +38,9 @@ class SamplingConfig:
             raise LmlabError("min_new_tokens must be between 0 and max_new_tokens")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise LmlabError("need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+        if self.temperature == 0 and self.samples > 1:
+            raise LmlabError(f"--temperature 0 is greedy: all {self.samples} samples of a prompt would be the same "
+                             "text; use --samples 1, or a temperature above 0")
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:

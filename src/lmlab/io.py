@@ -52,8 +52,22 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def json_safe(obj):
+    """``obj`` with every non-finite float (inf, nan) as None, so that it is valid JSON (null)."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Valid JSON (non-finite numbers as null), atomically."""
+    write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:

@@ -28,8 +28,6 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     from lmlab.finetune import load_for_training
     from lmlab.models import load_model, load_tokenizer
 
-    if args.method not in ("lora", "full"):
-        raise LmlabError(f"dpo supports --method lora or full, got {args.method}")
     if args.load_in_4bit and args.load_in_8bit:
         raise LmlabError("choose one of --load-in-4bit and --load-in-8bit")
     bits = 4 if args.load_in_4bit else 8 if args.load_in_8bit else None
