@@ -342,3 +342,15 @@ def test_dpo_reports_to_tensorboard(tiny_model_dir, tmp_path):
                  "--max-iters", "2", "--eval-interval", "2", "--batch-size", "4", "--rank", "4", "--no-progress",
                  "--report-to", "tensorboard", "--json"]) == 0
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_a_failing_sweep_run_leaves_the_table_of_those_that_finished(tiny_model_dir, toy_dataset, tmp_path):
+    from lmlab import sweep
+
+    runs = sweep.expand([{"method": "lora", "rank": 4}, {"method": "adapter", "dataset": str(tmp_path / "nowhere")}],
+                        {"model": tiny_model_dir, "dataset": toy_dataset, "max_iters": 1, "no_progress": True,
+                         "json": True})
+    with pytest.raises(LmlabError, match="no such folder"):
+        sweep.run(runs, tmp_path / "sweep", eval_limit=4, device="cpu")
+    table = (tmp_path / "sweep" / "results.md").read_text()
+    assert "lora-r4" in table and "adapter" not in table

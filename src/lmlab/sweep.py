@@ -109,22 +109,25 @@ def run(runs: list[dict], out_dir: str | Path, *, split: str = "test", eval_limi
                                             "out_dir": str(out_dir / run_name(r))}).check() for r in runs]
     placement = devices.select_device(device)
     compute = devices.select_dtype(dtype, placement, warn_slow=False)
-    for i, (settings, config) in enumerate(zip(runs, configs), 1):
-        run_dir = Path(config.out_dir)
-        if (run_dir / RESULT_FILE).exists():
-            print(f"[{i}/{len(runs)}] {run_dir.name}: done before, skipped", file=sys.stderr)
-            continue
-        print(f"[{i}/{len(runs)}] {run_dir.name}", file=sys.stderr, flush=True)
-        if committed_dir(run_dir / "last") is not None:
-            config = dataclasses.replace(config, resume=True)  # a run the last sweep left unfinished
-        summary = finetune_run(config)
-        accuracy = {which: evaluate_checkpoint(run_dir / which, split=split, limit=eval_limit, device=placement,
-                                               dtype=compute).to_dict() for which in ("best", "last")}
-        save_result(run_dir, result_row(settings, summary, accuracy["best"], accuracy["last"]))
-    rows = collect(out_dir, runs)
-    write_tables(out_dir, rows)
-    plot(out_dir, runs)
-    return rows
+    try:  # the table and the plot show what finished, also when a run fails or is stopped
+        for i, (settings, config) in enumerate(zip(runs, configs), 1):
+            run_dir = Path(config.out_dir)
+            if (run_dir / RESULT_FILE).exists():
+                print(f"[{i}/{len(runs)}] {run_dir.name}: done before, skipped", file=sys.stderr)
+                continue
+            print(f"[{i}/{len(runs)}] {run_dir.name}", file=sys.stderr, flush=True)
+            if committed_dir(run_dir / "last") is not None:
+                config = dataclasses.replace(config, resume=True)  # a run the last sweep left unfinished
+            summary = finetune_run(config)
+            accuracy = {which: evaluate_checkpoint(run_dir / which, split=split, limit=eval_limit, device=placement,
+                                                   dtype=compute).to_dict() for which in ("best", "last")}
+            save_result(run_dir, result_row(settings, summary, accuracy["best"], accuracy["last"]))
+            devices.release_memory()
+    finally:
+        if any((out_dir / run_name(r) / RESULT_FILE).exists() for r in runs):
+            write_tables(out_dir, collect(out_dir, runs))
+            plot(out_dir, runs)
+    return collect(out_dir, runs)
 
 
 def collect(sweep_dir: str | Path, runs: list[dict]) -> list[dict]:
