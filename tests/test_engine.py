@@ -2,6 +2,7 @@
 precision, the Python API (finetune.run, sweep.run), DPO and resume on 2 processes, one-line errors."""
 
 import json
+import math
 from dataclasses import fields
 
 import pytest
@@ -354,3 +355,60 @@ def test_a_failing_sweep_run_leaves_the_table_of_those_that_finished(tiny_model_
         sweep.run(runs, tmp_path / "sweep", eval_limit=4, device="cpu")
     table = (tmp_path / "sweep" / "results.md").read_text()
     assert "lora-r4" in table and "adapter" not in table
+
+
+# --- resume continues the recorded run ---------------------------------------------------------------
+
+
+def test_resume_takes_the_recorded_settings_and_refuses_a_conflicting_one(tiny_model_dir, toy_dataset, tmp_path,
+                                                                         capsys):
+    out = tmp_path / "run"
+    assert main(finetune_args(tiny_model_dir, toy_dataset, out, "--lr", "1e-3")) == 0
+    # resumed with neither --dataset nor --lr nor --rank: the recorded ones, not the defaults
+    assert main(["finetune", "--model", tiny_model_dir, "--out-dir", str(out), "--resume", "--max-iters", "4",
+                 "--no-progress"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["dataset"] == toy_dataset and run["options"]["lr"] == 1e-3 and run["options"]["rank"] == 4
+    assert run["options"]["max_iters"] == 4 and run["total_steps"] == 4
+    capsys.readouterr()
+    assert main(["finetune", "--model", tiny_model_dir, "--out-dir", str(out), "--resume", "--max-iters", "6",
+                 "--rank", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmlab: error: --resume continues the run") and "--rank 8 differs from its 4" in err
+    assert err.count("\n") == 1
+
+
+def test_lengthening_a_run_does_not_redraw_its_learning_rate(tiny_model_dir, toy_dataset, tmp_path, monkeypatch):
+    """Stopped at step 3 of 6, resumed with --max-iters 12: the rates already applied stay, the next
+    one continues from where the old schedule was (no jump), and the new end reaches the same floor."""
+    from contextlib import contextmanager
+
+    class StopAt3:
+        checks = 0
+
+        def is_set(self):
+            self.checks += 1
+            return self.checks == 3
+
+    @contextmanager
+    def stop_requests():
+        yield StopAt3()
+
+    out = tmp_path / "run"
+    args = ("--lr", "1e-3", "--eval-interval", "1")
+    monkeypatch.setattr(engine, "_stop_requests", stop_requests)
+    assert main(finetune_args(tiny_model_dir, toy_dataset, out, *args, "--max-iters", "6")) == 130
+    monkeypatch.undo()
+    before = [r["lr"] for r in engine.read_metrics(out)]
+    assert len(before) == 3
+    assert main(finetune_args(tiny_model_dir, toy_dataset, out, *args, "--max-iters", "12", "--resume")) == 0
+    lrs = [r["lr"] for r in engine.read_metrics(out)]
+    assert lrs[:3] == before and len(lrs) == 12
+    assert lrs[3] == pytest.approx(engine.lr_at(3, 6, 0, 1e-3))  # what the old schedule had next: no jump
+    assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:])), lrs
+    floor = 1e-4
+    assert lrs[-1] == pytest.approx(floor + (lrs[3] - floor) * 0.5 * (1 + math.cos(math.pi * 8 / 9)))
+    schedule = json.loads((out / "last" / "trainer_state.json").read_text())["schedule"]
+    assert schedule == [{"from": 0, "total": 6}, {"from": 3, "total": 12, "lr": lrs[3]}]
+    with pytest.raises(LmlabError, match="has done 12 steps"):
+        engine.lengthened([{"from": 0, "total": 12}], 12, 8, 0.05, 1e-3)

@@ -118,6 +118,30 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def scheduled_lr(step: int, segments: list[dict], warmup: float, peak: float) -> float:
+    """The learning rate of ``step`` under a schedule that a resumed run may have lengthened.
+
+    The first segment is ``lr_at`` over the run's first total. When ``--resume`` grows the total at
+    step s, a segment {"from": s, "total": T, "lr": the rate s would have had} continues from that
+    rate down to the same floor (10 % of peak) at T on a cosine, so no rate already applied is
+    redrawn and the next one does not jump."""
+    segment = next(seg for seg in reversed(segments) if seg["from"] <= step)
+    if segment["from"] == 0:
+        return lr_at(step, segment["total"], int(warmup * segment["total"]), peak)
+    floor, start = 0.1 * peak, segment["from"]
+    progress = min(1.0, (step - start) / max(1, segment["total"] - start))
+    return floor + (segment["lr"] - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lengthened(segments: list[dict], step: int, total: int, warmup: float, peak: float) -> list[dict]:
+    """``segments`` for a run resumed at ``step`` with ``total`` steps (unchanged if the total is)."""
+    if total == segments[-1]["total"]:
+        return segments
+    if total < step:
+        raise LmlabError(f"--resume: the run has done {step} steps; --max-iters / --epochs ask for {total} in all")
+    return [*segments, {"from": step, "total": total, "lr": scheduled_lr(step, segments, warmup, peak)}]
+
+
 class BatchSchedule:
     """Which examples form the ``index``-th micro-batch of each process. The order depends only on
     (seed, epoch), so a resumed run sees exactly the batches it would have seen."""
@@ -154,13 +178,14 @@ def fit(model, task: Task, method_config, cfg: TrainConfig, run_info: dict | Non
     if schedule.per_epoch == 0:
         raise LmlabError(f"the training split has {len(task.lengths)} examples: fewer than one batch per process")
     total = cfg.max_iters or max(1, int(cfg.epochs * max(1, schedule.per_epoch // cfg.grad_accum)))
-    warmup = int(cfg.warmup * total)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"step": 0, "best_val_loss": float("inf"), "best_step": 0, "last_val_loss": float("nan"), "seconds": 0.0}
     if cfg.resume:
         state = checkpoint.resume(out, model, optimizer, state, accelerator)
+    segments = state.get("schedule") or [{"from": 0, "total": total}]  # older checkpoints: the plain schedule
+    state["schedule"] = lengthened(segments, state["step"], total, cfg.warmup, cfg.lr)
     _deepspeed_batch_size(accelerator, cfg.batch_size)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     if "_sharded_optimizer" in state:  # a sharded optimizer's state is loaded once it is sharded again
@@ -188,7 +213,7 @@ def fit(model, task: Task, method_config, cfg: TrainConfig, run_info: dict | Non
 
     with _stop_requests() as stop:
         while step < total:
-            lr = lr_at(step, total, warmup, cfg.lr)
+            lr = scheduled_lr(step, state["schedule"], cfg.warmup, cfg.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for micro in range(cfg.grad_accum):

@@ -213,10 +213,45 @@ def prepare_kbit(model) -> None:
             p.data = p.data.float()
 
 
+# What a resumed run may change: how long it runs, where and how it reports, where it runs.
+RESUMABLE = {"resume", "max_iters", "epochs", "no_progress", "json", "report_to", "device", "dtype", "out_dir"}
+
+
+def resumed(config: FinetuneConfig) -> FinetuneConfig:
+    """The recorded run's settings for ``--resume`` (from its ``run.json``): a setting given that
+    differs from the record (and from its default) is one error that names it; only how long the
+    run goes (``max_iters``/``epochs``) and how and where it runs may change."""
+    import json
+    from pathlib import Path
+
+    run_file = Path(config.out_dir) / "run.json"
+    recorded = json.loads(run_file.read_text()).get("options") if run_file.exists() else None
+    if not recorded:  # a run written before options were recorded: the flags as given
+        return config
+    defaults = FinetuneConfig()
+    for f in fields(FinetuneConfig):
+        if f.name in RESUMABLE or f.name not in recorded:
+            continue
+        given, was = getattr(config, f.name), recorded[f.name]
+        if given != getattr(defaults, f.name) and given != was:
+            flag = "--" + f.name.replace("_", "-")
+            raise LmlabError(f"--resume continues the run in {config.out_dir} as recorded: {flag} {given} differs "
+                             f"from its {was}; drop {flag}, or start a new run in another --out-dir")
+    keep = {name: getattr(config, name) for name in RESUMABLE}
+    for name in ("max_iters", "epochs"):  # not given: as recorded
+        if getattr(config, name) == getattr(defaults, name):
+            keep[name] = recorded.get(name, keep[name])
+    known = {f.name for f in fields(FinetuneConfig)}
+    return FinetuneConfig(**{**{k: v for k, v in recorded.items() if k in known and k not in RESUMABLE}, **keep})
+
+
 def run(config: FinetuneConfig) -> dict:
     """Fine-tune as ``config`` says; returns the summary (``engine.TrainResult`` fields, parameter
-    counts and the resolved settings)."""
+    counts and the resolved settings). With ``resume``, the run continues as its ``run.json`` says."""
     import sys
+
+    if config.resume:
+        config = resumed(config)
 
     from lmlab import peft
     from lmlab.data import DEFAULT_DATASET, encode, load_splits, subsample
