@@ -61,11 +61,13 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def small_dataset(tmp_path_factory):
-    """64/16/16 rows of the real rotten_tomatoes (both classes), as a local jsonl folder."""
+def small_dataset(tmp_path_factory, toy_dataset):
+    """64/16/16 rows of the real rotten_tomatoes (both classes), as a local jsonl folder; where
+    ../shared/data is absent (a user's clone), the synthetic ``toy_dataset``, so nothing skips."""
     import json
 
-    needs_shared()
+    if not (SHARED / "rotten_tomatoes" / "train.jsonl").exists():
+        return toy_dataset
     here = Path(RT)
     path = tmp_path_factory.mktemp("rt-small")
     for split, n in (("train", 64), ("validation", 16), ("test", 16)):
@@ -106,3 +108,29 @@ def two_processes(*command: str, timeout: int = 300):
     assert torchrun is not None, "torchrun is installed with torch"
     return subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", *command], check=False,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def _allowed_skips() -> list[str]:
+    path = Path(__file__).with_name("allowed_skips.txt")
+    lines = [line.split("|")[0].strip() for line in path.read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run on a skip that tests/allowed_skips.txt does not list with its reason."""
+    from fnmatch import fnmatch
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    allowed = _allowed_skips()
+    unlisted = [r for r in reporter.stats.get("skipped", [])
+                if not any(fnmatch(r.nodeid, pattern) for pattern in allowed)]
+    if unlisted:
+        reporter.ensure_newline()
+        reporter.write_line(f"{len(unlisted)} skipped test(s) not listed in tests/allowed_skips.txt "
+                            "(a skipped test is not a test):", red=True)
+        for r in unlisted:
+            reason = r.longrepr[2] if isinstance(r.longrepr, tuple) else str(r.longrepr)
+            reporter.write_line(f"  {r.nodeid}: {reason}", red=True)
+        session.exitstatus = 1
