@@ -412,3 +412,29 @@ def test_lengthening_a_run_does_not_redraw_its_learning_rate(tiny_model_dir, toy
     assert schedule == [{"from": 0, "total": 6}, {"from": 3, "total": 12, "lr": lrs[3]}]
     with pytest.raises(LmlabError, match="has done 12 steps"):
         engine.lengthened([{"from": 0, "total": 12}], 12, 8, 0.05, 1e-3)
+
+
+def test_gradient_accumulation_steps_once_per_grad_accum_micro_batches(tiny_model_dir, toy_dataset, tmp_path,
+                                                                       monkeypatch):
+    """--grad-accum 3 through accelerate.accumulate: one optimizer step per 3 training micro-batches."""
+    from lmlab import train
+
+    steps, losses = [], []
+    real_step, real_loss = torch.optim.AdamW.step, train.label_loss
+
+    def step(self, *a, **k):
+        steps.append(1)
+        return real_step(self, *a, **k)
+
+    def label_loss(*a, **k):
+        out = real_loss(*a, **k)
+        losses.append(out[0])
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(train, "label_loss", label_loss)
+    assert main(finetune_args(tiny_model_dir, toy_dataset, tmp_path / "r", "--grad-accum", "3", "--batch-size", "4",
+                              "--eval-interval", "100")) == 0
+    assert len(steps) == 2  # --max-iters 2 optimizer steps
+    training = [loss for loss in losses if loss.requires_grad]
+    assert len(training) == 6  # 2 x 3 micro-batches (validation runs without gradients)
