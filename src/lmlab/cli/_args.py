@@ -83,7 +83,8 @@ def add_device_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     g = p.add_argument_group("device and precision")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (auto)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on the CPU (auto)")
+                   help="auto: bf16 on a CUDA GPU with native bf16, else fp16 there; fp32 on the CPU and "
+                        "on MPS (auto)")
     if training:
         g.add_argument("--gradient-checkpointing", action="store_true",
                        help="recompute activations in the backward pass: less memory, ~1/3 more compute")
