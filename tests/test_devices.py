@@ -229,3 +229,5 @@ def test_dpo_makes_nothing_off_the_models_device(tiny_model_dir, tmp_path, monke
                  "--max-iters", "2", "--eval-interval", "1", "--batch-size", "4", "--rank", "4", "--no-progress",
                  "--json", "--device", "cpu"])
     assert code == 0 and len(recorders) == 3 and all(r.seen and r.strays() == [] for r in recorders)
+    first = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["train_loss"] == pytest.approx(0.6931, abs=1e-3)  # the right cached reference rows were used

@@ -181,7 +181,7 @@ class DpoTask:
 
     def collate(self, indices: list[int], device):
         batch = left_pad_batch(pair_items([self.train_pairs[i] for i in indices]), self.pad_id, device=device)
-        index = torch.tensor(indices)
+        index = torch.tensor(indices, device=self.ref_train[0].device)  # the cached log-probs stay on the CPU
         return batch, self.ref_train[0][index].to(device), self.ref_train[1][index].to(device)
 
     def loss(self, model, batch):
@@ -261,7 +261,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             if points:
                 ax.plot(*zip(*points), style, label=split)
         ax.set(xlabel="step", title=title)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         ax.grid(alpha=0.3)
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
