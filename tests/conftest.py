@@ -134,3 +134,22 @@ def pytest_sessionfinish(session, exitstatus):
             reason = r.longrepr[2] if isinstance(r.longrepr, tuple) else str(r.longrepr)
             reporter.write_line(f"  {r.nodeid}: {reason}", red=True)
         session.exitstatus = 1
+
+
+def stop_at_check(n: int):
+    """A stand-in for ``engine._stop_requests`` that reports a stop request at its ``n``-th check
+    (the engine checks once after each step), as Ctrl-C during step ``n`` would."""
+    from contextlib import contextmanager
+
+    class Flag:
+        checks = 0
+
+        def is_set(self):
+            self.checks += 1
+            return self.checks == n
+
+    @contextmanager
+    def stop_requests():
+        yield Flag()
+
+    return stop_requests

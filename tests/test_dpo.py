@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny
+from conftest import stop_at_check, tiny
 
 from lmlab.cli import main
 from lmlab.dpo import Pair, dpo_loss, pair_logps, reference_logps
@@ -128,25 +128,11 @@ def test_cli_trains_and_every_trainable_parameter_moves(tiny_model_dir, pairs_fi
 
 def test_resume_equals_uninterrupted(tiny_model_dir, pairs_file, tmp_path, capsys, monkeypatch):
     """Stop after step 2 of 4 (as Ctrl-C would), resume, and end where an uninterrupted run ends."""
-    from contextlib import contextmanager
-
     from lmlab import engine
     from lmlab.io import load_tensors
 
     assert run(tiny_model_dir, pairs_file, tmp_path / "whole", "--max-iters", "4") == 0
-
-    class StopAtStep2:
-        checks = 0
-
-        def is_set(self):
-            self.checks += 1
-            return self.checks == 2
-
-    @contextmanager
-    def stop_requests():
-        yield StopAtStep2()
-
-    monkeypatch.setattr(engine, "_stop_requests", stop_requests)
+    monkeypatch.setattr(engine, "_stop_requests", stop_at_check(2))
     assert run(tiny_model_dir, pairs_file, tmp_path / "cut", "--max-iters", "4") == 130
     monkeypatch.undo()
     assert json.loads((tmp_path / "cut" / "last" / "trainer_state.json").read_text())["step"] == 2
@@ -230,19 +216,9 @@ def test_every_method_trains_with_dpo(method, tiny_model_dir, pairs_file, tmp_pa
 
 def test_trainer_state_is_valid_json(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
     """Before any evaluation the best loss is infinite: written as null (strict JSON), read back as inf."""
-    from contextlib import contextmanager
-
     from lmlab import engine
 
-    class StopAtOnce:
-        def is_set(self):
-            return True
-
-    @contextmanager
-    def stop_requests():
-        yield StopAtOnce()
-
-    monkeypatch.setattr(engine, "_stop_requests", stop_requests)
+    monkeypatch.setattr(engine, "_stop_requests", stop_at_check(1))
     assert run(tiny_model_dir, pairs_file, tmp_path / "r", "--max-iters", "4") == 130
     text = (tmp_path / "r" / "last" / "trainer_state.json").read_text()
     state = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))

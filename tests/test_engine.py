@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import pytest
 import torch
-from conftest import tiny, two_processes
+from conftest import stop_at_check, tiny, two_processes
 
 from lmlab import devices, engine, peft
 from lmlab.cli import build_parser, main
@@ -381,22 +381,9 @@ def test_resume_takes_the_recorded_settings_and_refuses_a_conflicting_one(tiny_m
 def test_lengthening_a_run_does_not_redraw_its_learning_rate(tiny_model_dir, toy_dataset, tmp_path, monkeypatch):
     """Stopped at step 3 of 6, resumed with --max-iters 12: the rates already applied stay, the next
     one continues from where the old schedule was (no jump), and the new end reaches the same floor."""
-    from contextlib import contextmanager
-
-    class StopAt3:
-        checks = 0
-
-        def is_set(self):
-            self.checks += 1
-            return self.checks == 3
-
-    @contextmanager
-    def stop_requests():
-        yield StopAt3()
-
     out = tmp_path / "run"
     args = ("--lr", "1e-3", "--eval-interval", "1")
-    monkeypatch.setattr(engine, "_stop_requests", stop_requests)
+    monkeypatch.setattr(engine, "_stop_requests", stop_at_check(3))
     assert main(finetune_args(tiny_model_dir, toy_dataset, out, *args, "--max-iters", "6")) == 130
     monkeypatch.undo()
     before = [r["lr"] for r in engine.read_metrics(out)]
