@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from lmlab import LmlabError
-from lmlab.calc import memory, scaling
+from lmlab import LmlabError, peft
+from lmlab.calc import memory, params, scaling
 from lmlab.calc.mlp import mlp_counts, parse_widths
 from lmlab.cli import main
 
@@ -76,7 +76,7 @@ def test_optimal_epochs_beats_its_neighbours():
 def test_gpt3_lora_storage():
     # LoRA paper: r = 4 on q, v of GPT-3 175B: 96 layers * 2 matrices * 4 * (12288 + 12288) = 18,874,368
     # parameters = 37,748,736 bytes in fp16; 100 tasks: 350 GB base + 3.77 GB of adapters
-    s = memory.storage(memory.PRESETS["gpt3-175b"], 100, ("q", "v"), 4)
+    s = memory.storage(memory.model_shape("gpt3-175b"), 100, ("q", "v"), 4)
     assert s["per_task_params"]["lora"] == 18_874_368
     assert s["per_task_bytes"]["lora"] == 37_748_736
     assert s["total_bytes"]["full"] == 100 * 350e9  # 35 TB: no shared base
@@ -85,15 +85,54 @@ def test_gpt3_lora_storage():
     # fine-tuning W_q and W_v only: 96 * 2 * 12288^2 = 28,991,029,248 parameters per task
     assert s["per_task_params"]["matrices"] == 28_991_029_248
     # fc1 of GPT-2: 768 x 3072
-    assert memory.matrix_params(memory.PRESETS["gpt2"], ("fc1",)) == 12 * 768 * 3072
+    assert memory.matrix_params(memory.model_shape("gpt2"), ("fc1",)) == 12 * 768 * 3072
+
+
+def test_grouped_query_attention():
+    """SmolLM2-135M has 9 query heads and 3 key/value heads of 64: W_k and W_v are 576 x 192."""
+    shape = memory.model_shape("smollm2-135m")
+    # LoRA r=16 on q, k, v: 30 layers * 16 * ((576 + 576) + 2 * (576 + 192)) = 1,290,240
+    lora = memory.lora_params(shape, ("q", "k", "v"), 16)
+    assert lora == 1_290_240
+    assert lora == params.report("smollm2-135m", "lora", peft.make_config("lora", r=16))["trainable"]
+    # fine-tuning q, k, v only: 30 * (576 * 576 + 2 * 576 * 192) = 16,588,800, the Linear weights themselves
+    from lmlab.models import build_model, preset_config
+
+    model = build_model(preset_config("smollm2-135m"), device="meta")
+    weights = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("q_proj.weight", "k_proj.weight",
+                                                                                 "v_proj.weight")))
+    assert memory.matrix_params(shape, ("q", "k", "v")) == weights == 16_588_800
+    assert shape.params == sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+@pytest.mark.parametrize("model,target,modules,rank", [  # memory's --target, params' --target (peft's names)
+    ("gpt2", "c_attn", ("c_attn",), 8),
+    ("gpt2", "o,fc1,fc2", ("attn.c_proj", "c_fc", "mlp.c_proj"), 4),
+    ("gpt2-medium", "c_attn,c_fc", ("c_attn", "c_fc"), 4),
+    ("smollm2-135m", "q,k,v", ("q_proj", "k_proj", "v_proj"), 16),
+    ("smollm2-135m", "q,v,down", ("q_proj", "v_proj", "down_proj"), 8),
+    ("smollm2-135m-instruct", "q_proj,v_proj", ("q_proj", "v_proj"), 2),
+    ("tiny-llama", "q,k,v,o,gate,up,down", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"), 4),
+    ("gpt3-175b", "c_attn", ("c_attn",), 4),
+    ("llama-7b", "q,v", ("q_proj", "v_proj"), 4),
+])
+def test_memory_and_params_agree(model, target, modules, rank):
+    """One source of shapes: memory's LoRA count is what params counts on real modules (meta device)."""
+    shape = memory.model_shape(model)
+    r = params.report(model, "lora", peft.make_config("lora", r=rank, target_modules=modules))
+    assert memory.lora_params(shape, memory.parse_matrices(target), rank) == r["trainable"] == r["closed_form_trainable"]
+    if model != "gpt3-175b":  # GPT-3: the paper's 175e9, not the 174.6e9 its shapes count
+        assert shape.params == r["total"] - r["trainable"]
 
 
 def test_rank_for_budget():
     # 400 GB - 350 GB base = 50 GB for 100 adapters; one rank of q,v = 96*2*24576 = 4,718,592 params = 9,437,184 B,
     # times 100 tasks = 943,718,400 B per rank: floor(50e9 / 943,718,400) = 52
-    assert memory.rank_for_budget(memory.PRESETS["gpt3-175b"], 100, ("q", "v"), 400e9) == 52
+    gpt3 = memory.model_shape("gpt3-175b")
+    assert memory.rank_for_budget(gpt3, 100, ("q", "v"), 400e9) == 52
     with pytest.raises(LmlabError, match="does not fit even rank 1"):
-        memory.rank_for_budget(memory.PRESETS["gpt3-175b"], 100, ("q", "v"), 300e9)
+        memory.rank_for_budget(gpt3, 100, ("q", "v"), 300e9)
 
 
 @pytest.mark.parametrize("text,value", [("350GB", 350e9), ("1.5 TiB", 1.5 * 2**40), ("4e9", 4e9), ("12kb", 12e3)])
@@ -125,8 +164,16 @@ def test_cli_json(capsys):
     assert main(["scaling", "--params", "1e9", "--tokens", "1e9", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["compute"] == pytest.approx(6e18) and out["loss"] == pytest.approx(1.69 + 0.353957 + 1.240294, rel=1e-5)
-    assert main(["memory", "--tasks", "100", "--lora-rank", "4", "--matrices", "q,v", "--json"]) == 0
+    assert main(["memory", "--tasks", "100", "--rank", "4", "--target", "q,v", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["per_task_bytes"]["lora"] == 37_748_736
+    # params' flags and presets; the old spellings (--preset, --lora-rank, --matrices) still work
+    new = ["memory", "--model", "smollm2-135m", "--rank", "16", "--target", "q,k,v", "--json"]
+    old = ["memory", "--preset", "smollm2-135m", "--lora-rank", "16", "--matrices", "q,k,v", "--json"]
+    assert main(new) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["per_task_params"]["lora"] == 1_290_240 and out["rank"] == 16 and out["matrices"] == ["q", "k", "v"]
+    assert main(old) == 0
+    assert json.loads(capsys.readouterr().out) == out
     assert main(["params", "--mlp", "1024,512,256,10", "--method", "bitfit", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["trainable"] == 778
 
@@ -142,12 +189,16 @@ def test_cli_plot(tmp_path):
     (["scaling", "--params", "-5", "--tokens", "1"], "expected a positive number"),
     (["scaling", "--compute", "1e20", "--alpha", "0"], "expected a positive number"),
     (["scaling", "--params", "1e9", "--unique-tokens", "1e10", "--target-loss", "2.0"], "unreachable"),
+    (["memory", "--model", "gpt5"], "unknown preset"),
     (["memory", "--preset", "gpt5"], "unknown preset"),
+    (["memory", "--target", "q,x"], "unknown matrix"),
     (["memory", "--matrices", "q,x"], "unknown matrix"),
+    (["memory", "--model", "gpt2", "--target", "q_proj"], "unknown matrix"),
+    (["memory", "--rank", "0"], "expected a positive integer"),
     (["memory", "--tasks", "0"], "expected a positive integer"),
     (["memory", "--budget", "lots"], "not a size"),
     (["params", "--mlp", "10,x"], "integer widths"),
-    (["params", "--mlp", "10,5", "--method", "lora"], "not defined for an MLP"),
+    (["params", "--mlp", "10,5", "--method", "prefix"], "not defined for an MLP"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):
     """Our errors return 2; argparse's exit 2; either way one line on stderr names the problem."""
@@ -157,3 +208,22 @@ def test_bad_input_is_one_line(capsys, argv, message):
         code = exc.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and message in err[-1] and not any("Traceback" in line for line in err)
+
+
+def test_mlp_lora_counts_equal_peft():
+    """LoRA on every layer of a plain MLP: what peft makes trainable on the same torch modules."""
+    import torch.nn as nn
+    from peft import LoraConfig, get_peft_model
+
+    widths = [1024, 512, 256, 10]
+    mlp = nn.Sequential(*[nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
+    model = get_peft_model(mlp, LoraConfig(r=8, target_modules=["0", "1", "2"]))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    r = mlp_counts(widths, "lora", rank=8)
+    assert (r["trainable"], r["total"]) == (trainable, total) == (8 * (1024 + 512 + 512 + 256 + 256 + 10), total)
+
+
+def test_readme_mlp_command_runs(capsys):
+    assert main(["params", "--mlp", "1024,512,256", "--json"]) == 0  # the default method, as the README writes it
+    assert json.loads(capsys.readouterr().out)["trainable"] == 128 * (1024 + 512 + 512 + 256)

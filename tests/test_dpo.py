@@ -84,7 +84,8 @@ def test_lora_reference_is_the_adapter_disabled_model():
     """TRL with the base model as an explicit reference copy; lmlab with the adapter disabled."""
     torch.manual_seed(0)
     base = build_model(preset_config("tiny-llama"))
-    policy = lora.apply(copy.deepcopy(base), lora.LoraConfig(r=4, target_modules=("q_proj", "v_proj")))
+    policy = lora.apply(copy.deepcopy(base), lora.LoraConfig(r=4, alpha=16.0, dropout=0.0,  # TRL runs no dropout
+                                                             target_modules=("q_proj", "v_proj")))
     with torch.no_grad():
         for name, p in policy.named_parameters():
             if "lora_B" in name:
@@ -111,9 +112,22 @@ def run(tiny_model_dir, pairs_file, out, *extra):
                  "--batch-size", "4", "--eval-interval", "2", "--lr", "1e-2", "--no-progress", "--json", *extra])
 
 
-def test_cli_trains_and_every_trainable_parameter_moves(tiny_model_dir, pairs_file, tmp_path, capsys):
+def test_cli_trains_and_every_trainable_parameter_moves(tiny_model_dir, pairs_file, tmp_path, capsys, monkeypatch):
+    """Every trainable parameter (each LoRA A and B) is compared with its value before the first
+    step. LoRA starts with B = 0, so at step 1 the gradient of every A (through B) is exactly 0 and
+    AdamW without weight decay leaves A as it was: after 1 step exactly the B matrices have moved;
+    after 4 steps (B no longer 0) every A and every B has."""
+    from lmlab import engine
     from lmlab.io import load_tensors
 
+    starts = []
+    real_fit = engine.fit
+
+    def fit(model, *args, **kwargs):  # the trainable weights as the engine receives them
+        starts.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "fit", fit)
     assert run(tiny_model_dir, pairs_file, tmp_path / "run", "--max-iters", "4") == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["steps"] == 4
@@ -121,8 +135,18 @@ def test_cli_trains_and_every_trainable_parameter_moves(tiny_model_dir, pairs_fi
     assert {"train_loss", "train_margin", "train_accuracy", "train_chosen_reward", "val_margin"} <= set(rows[-1])
     assert rows[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-4)  # step 1 starts at the reference
     assert rows[-1]["val_margin"] > 0 and rows[-1]["val_accuracy"] == 1.0  # lr 1e-2 on one preference
+    start = starts[0]
+    kinds = {n.split(".lora_")[1].split(".")[0] for n in start if ".lora_" in n}
+    assert kinds == {"A", "B"} and len(start) == 2 * sum(".lora_A" in n for n in start), sorted(start)
+    assert all(not start[n].any() for n in start if ".lora_B" in n)  # B = 0 at the start
     weights = load_tensors(tmp_path / "run" / "last" / "trainable.safetensors")
-    assert all("lora_B" not in n or w.abs().sum() > 0 for n, w in weights.items())
+    assert weights.keys() == start.keys()
+    unmoved = [n for n in start if torch.equal(weights[n], start[n])]
+    assert unmoved == [], unmoved
+    assert run(tiny_model_dir, pairs_file, tmp_path / "one", "--max-iters", "1") == 0
+    assert len(starts) == 2 and all(torch.equal(starts[1][n], start[n]) for n in start)  # --seed: same start
+    one = load_tensors(tmp_path / "one" / "last" / "trainable.safetensors")
+    assert [n for n in start if not torch.equal(one[n], start[n])] == [n for n in start if ".lora_B" in n]
     assert (tmp_path / "run" / "dpo.png").exists() and (tmp_path / "run" / "best" / "adapter_model.safetensors").exists()
 
 

@@ -114,17 +114,17 @@ def test_sweep_run_from_python_checks_every_run_before_training(tiny_model_dir, 
     runs = sweep.expand([{"method": "lora", "rank": 4}, {"method": "bitfit", "lr": "x", "bogus": 1}],
                         {"model": tiny_model_dir, "dataset": toy_dataset, "max_iters": 1, "no_progress": True})
     with pytest.raises(LmlabError, match="unknown finetune option 'bogus'"):
-        sweep.run(runs, tmp_path / "sweep", eval_limit=4, device="cpu")
+        sweep.run(runs, tmp_path / "sweep", accuracy_limit=4, device="cpu")
     runs = sweep.expand([{"method": "lora", "rank": 4}, {"method": "adapter", "lr": "x"}],
                         {"model": tiny_model_dir, "dataset": toy_dataset, "max_iters": 1, "no_progress": True})
     with pytest.raises(LmlabError, match="finetune option lr: expected float, got 'x'"):
-        sweep.run(runs, tmp_path / "sweep", eval_limit=4, device="cpu")
-    assert not (tmp_path / "sweep" / "lora-r4").exists(), "nothing trained before the grid was checked"
+        sweep.run(runs, tmp_path / "sweep", accuracy_limit=4, device="cpu")
+    assert not list((tmp_path / "sweep").glob("lora-r4-*")), "nothing trained before the grid was checked"
     runs = sweep.expand([{"method": "lora", "rank": 4}, {"method": "adapter", "bottleneck": 8}],
                         {"model": tiny_model_dir, "dataset": toy_dataset, "max_iters": 2, "eval_interval": 1,
                          "no_progress": True, "json": True})
-    rows = sweep.run(runs, tmp_path / "sweep", eval_limit=4, device="cpu")
-    assert [r["run"] for r in rows] == ["lora-r4", "adapter-m8"]
+    rows = sweep.run(runs, tmp_path / "sweep", accuracy_limit=4, device="cpu")
+    assert rows[0]["run"].startswith("lora-r4-") and rows[1]["run"].startswith("adapter-m8-")
     assert all(r["eval_best"]["n"] == 4 for r in rows)
     assert (tmp_path / "sweep" / "results.md").exists() and (tmp_path / "sweep" / "val_loss.png").exists()
 
@@ -352,7 +352,7 @@ def test_a_failing_sweep_run_leaves_the_table_of_those_that_finished(tiny_model_
                         {"model": tiny_model_dir, "dataset": toy_dataset, "max_iters": 1, "no_progress": True,
                          "json": True})
     with pytest.raises(LmlabError, match="no such folder"):
-        sweep.run(runs, tmp_path / "sweep", eval_limit=4, device="cpu")
+        sweep.run(runs, tmp_path / "sweep", accuracy_limit=4, device="cpu")
     table = (tmp_path / "sweep" / "results.md").read_text()
     assert "lora-r4" in table and "adapter" not in table
 

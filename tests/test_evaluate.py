@@ -1,4 +1,5 @@
-"""Evaluation: label parsing, counting, batched generation == one-by-one, scoring == naive likelihood,
+"""Evaluation: label parsing, counting, exact accuracy of models whose answers are known (a scripted
+one, a tiny model forced to one label), batched generation == one-by-one, scoring == naive likelihood,
 on Llama (RoPE), GPT-2 (absolute positions) and Llama with LoRA (merged for evaluation, compared
 with a merge_and_unload copy)."""
 
@@ -166,7 +167,7 @@ def test_summarize_counts_unparseable_as_wrong():
     assert r.confusion == [[0, 0, 1], [1, 2, 1]]
     assert {"accuracy", "unparseable", "n", "confusion", "examples_per_s"} <= set(r.to_dict())
     report = format_report(r, ("negative", "positive")).splitlines()
-    assert report[:2] == ["accuracy     0.4000  (2/5)", "unparseable  2"]
+    assert report[:2] == ["accuracy     40.0 % (2/5)", "unparseable  2"]
     assert report[-3:] == ["                  negative     positive  unparseable",
                            "negative                 0            0            1",
                            "positive                 1            2            1"]
@@ -178,6 +179,74 @@ def test_summarize_three_labels_and_empty():
     assert summarize([], [], n_labels=2).accuracy == 0.0
     with pytest.raises(ValueError):
         summarize([0], [0, 1], n_labels=2)
+
+
+# --- exact accuracy on constructed cases: models whose answers are known ---------------------
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in for a model whose generations are known: each prompt (found by its review text)
+    is answered with a fixed reply, padded with ``pad_token_id`` as ``generate`` pads a finished row."""
+
+    def __init__(self, tokenizer, replies: dict[str, str]):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # the device evaluation reads
+        self.tokenizer, self.replies, self.prompts = tokenizer, replies, []
+        self.generation_config = SimpleNamespace(eos_token_id=tokenizer.eos_token_id)
+
+    def forward(self, input_ids=None, past_key_values=None, **kwargs):
+        raise AssertionError("a scripted model only generates")
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, **kwargs):
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):
+            prompt = self.tokenizer.decode(ids[mask.bool()])
+            self.prompts.append(prompt)
+            (reply,) = [r for text, r in self.replies.items() if f"Text: {text}\n" in prompt]
+            new = self.tokenizer(reply, add_special_tokens=False)["input_ids"][:max_new_tokens]
+            rows.append(new + [pad_token_id] * (max_new_tokens - len(new)))
+        return torch.cat([input_ids, torch.tensor(rows, dtype=input_ids.dtype)], 1)
+
+
+def test_generation_accuracy_of_known_answers(tokenizer):
+    """Six reviews (true labels 0 1 0 1 0 1) answered: negative (right), Positive. (right),
+    positive (wrong), positively (unparseable), nothing (unparseable), positive! (right): 3 of 6
+    right, 2 unparseable and counted wrong, in batches of 4 sorted by length."""
+    replies = [" negative", " Positive.", " positive", " positively", "", " positive!"]
+    model = Scripted(tokenizer, dict(zip(TEXTS, replies)))
+    result = evaluate_generation(model, tokenizer, TaskFormat(), EXAMPLES, batch_size=4, max_new_tokens=4,
+                                 progress=False, shared_prefix=False)
+    assert len(model.prompts) == 6 and result.generations == replies
+    assert result.predictions == [0, 1, 1, None, None, 1]
+    assert (result.correct, result.n, result.unparseable, result.accuracy) == (3, 6, 2, 0.5)
+    assert result.confusion == [[1, 1, 1], [0, 2, 1]]
+
+
+@pytest.mark.parametrize("forced,correct,confusion", [(1, 4, [[0, 2, 0], [0, 4, 0]]),
+                                                      (0, 2, [[2, 0, 0], [4, 0, 0]])])
+@pytest.mark.parametrize("mode", ["generation", "scoring"])
+def test_accuracy_of_a_model_forced_to_one_label(tokenizer, forced, correct, confusion, mode):
+    """A tiny model whose LM head adds 30 to the logits of one label word's tokens answers that
+    label to every review, generating or scoring: four reviews are positive and two negative, so
+    the accuracy is exactly 4/6 or 2/6, with nothing unparseable."""
+    from lmlab.data import label_token_ids
+
+    model = build_model(preset_config("tiny-llama")).eval()
+    fmt = TaskFormat()
+    bias = torch.zeros(model.config.vocab_size)
+    bias[label_token_ids(tokenizer, fmt)[forced]] = 30.0
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + bias)
+    examples = [Example(t, label) for t, label in zip(TEXTS, [1, 1, 1, 1, 0, 0])]
+    if mode == "generation":
+        result = evaluate_generation(model, tokenizer, fmt, examples, batch_size=4, progress=False)
+        assert all(g.split()[0] == fmt.label_words[forced] for g in result.generations), result.generations
+    else:
+        result = evaluate_scoring(model, tokenizer, fmt, examples, batch_size=4, progress=False)
+    assert result.predictions == [forced] * 6
+    assert (result.correct, result.n, result.unparseable) == (correct, 6, 0)
+    assert result.accuracy == pytest.approx(correct / 6) and result.confusion == confusion
 
 
 @pytest.mark.parametrize("shared_prefix", [True, False])
@@ -330,15 +399,18 @@ def test_real_model_accuracy(real):
     for name, r in (("generation", gen), ("scoring", score)):
         print(f"\n{name}: accuracy {r.accuracy:.3f}, unparseable {r.unparseable}/{r.n}, "
               f"{r.examples_per_s:.2f} examples/s\n{format_report(r, TaskFormat().label_words)}")
-    assert gen.n == score.n == 64 and 0 <= gen.unparseable <= 64 and score.unparseable == 0
-    assert gen.correct + gen.unparseable <= 64 and len(gen.generations) == 64
-    assert sum(map(sum, gen.confusion)) == sum(map(sum, score.confusion)) == 64
+    labels = [e.label for e in examples]
+    for r in (gen, score):  # the counts are the predictions' counts
+        assert r.n == 64 and r.correct == sum(p == y for p, y in zip(r.predictions, labels))
+        assert r.unparseable == r.predictions.count(None) and r.accuracy == r.correct / 64
+    assert score.unparseable == 0 and len(gen.generations) == 64
+    assert gen.predictions == [parse_label(g, TaskFormat().label_words) for g in gen.generations]
     assert gen.unparseable < 32  # the instruct model mostly answers with a label word
 
     scores = label_logprobs(model, tok, TaskFormat(), examples)
     assert score.predictions == scores.argmax(-1).tolist()
     margin = scores[:, 1] - scores[:, 0]
-    labels = torch.tensor([e.label for e in examples])
+    labels = torch.tensor(labels)
     auroc = (margin[labels == 1, None] > margin[None, labels == 0]).float().mean().item()
     print(f"scoring margin AUROC {auroc:.3f}")
     assert auroc > 0.75

@@ -1,6 +1,7 @@
 """Batched sampling through the shared-prefix KV cache (``lmlab.kvcache``) gives what it gives
 without: greedy and sampled, on Llama (RoPE), GPT-2 (absolute positions) and a sliding-window
-Mistral, with logits processors and stop strings that look back into the prompt. Devices: the
+Mistral, with logits processors and stop strings that look back into the prompt. Temperature,
+top-k and top-p draw the ids a hand-written sampler draws under the same seed. Devices: the
 batch and the prefix reach a model on meta (standing in for a GPU) on meta; ``lmlab generate``
 takes --device / --dtype, and a missing CUDA is one line."""
 
@@ -86,6 +87,98 @@ def test_processors_and_stop_strings_see_the_same_ids(model, tokenizer):
     stop = SamplingConfig(max_new_tokens=8, temperature=0, stop_strings=(":" + " a" + first[2],))
     cached, plain = both(model, tokenizer, stop)
     assert cached == plain and len(cached[2][0]) < len(cached[0][0]) + len(cached[1][0])
+
+
+# --- temperature, top-k and top-p against a hand-written sampler -------------------------------
+
+
+def reference_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The distribution to sample from, written out: logits / T; only the k largest (0: all);
+    then the smallest set of the most likely tokens whose probability reaches top_p (nucleus
+    sampling, Holtzman et al. 2020: a token stays if the mass of the tokens above it is < p)."""
+    scores = logits.float() / temperature  # (rows, V)
+    if top_k:
+        kth = scores.topk(top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1:
+        ordered, order = scores.sort(dim=-1, descending=True)
+        above = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)  # mass of the tokens ranked above
+        drop = (above >= top_p).scatter(-1, order, above >= top_p)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores.softmax(-1)
+
+
+def reference_sample(model, ids: list[int], config: SamplingConfig, eos: int) -> list[list[int]]:
+    """``config.samples`` rows sampled one token at a time from full forwards (no cache) with
+    ``reference_probs`` and ``torch.multinomial``, under ``config.seed``; a row that has ended
+    repeats the end token, and all stop once every row has ended."""
+    rows = torch.tensor([ids] * config.samples)
+    done = torch.zeros(config.samples, dtype=torch.bool)
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(config.seed)
+        for _ in range(config.max_new_tokens):
+            probs = reference_probs(model(rows).logits[:, -1], config.temperature, config.top_k, config.top_p)
+            token = torch.multinomial(probs, 1)[:, 0].masked_fill(done, eos)
+            rows, done = torch.cat([rows, token[:, None]], 1), done | (token == eos)
+            if done.all():
+                break
+    return rows[:, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.7, 0, 1.0), (1.0, 7, 1.0),
+                                                     (1.0, 0, 0.5), (1.3, 20, 0.8), (0.8, 1, 1.0)])
+def test_reference_probs_equal_transformers_warpers(temperature, top_k, top_p):
+    """The hand-written distribution is transformers' temperature -> top-k -> top-p chain (the
+    order ``generate`` applies them), on logits with ties and a wide spread."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(0)) * 4
+    logits[0, :10] = 6.0  # ties at the top
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)]
+                                  + ([TopKLogitsWarper(top_k)] if top_k else [])
+                                  + ([TopPLogitsWarper(top_p)] if top_p < 1 else []))
+    theirs = warpers(torch.zeros(3, 1, dtype=torch.long), logits.clone()).softmax(-1)
+    torch.testing.assert_close(reference_probs(logits, temperature, top_k, top_p), theirs)
+
+
+SAMPLING = [(0.5, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.6), (1.5, 10, 0.7)]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", SAMPLING)
+def test_sampling_equals_the_reference_sampler(model, tokenizer, monkeypatch, temperature, top_k, top_p):
+    """The ids ``sample`` draws for 3 samples of a prompt are the ids of the hand-written sampler
+    under the same seed: temperature, top-k and top-p reach the sampler, applied as defined."""
+    prompt = tokenizer(PROMPTS[1])["input_ids"]
+    config = SamplingConfig(max_new_tokens=8, samples=3, temperature=temperature, top_k=top_k, top_p=top_p, seed=3)
+    drawn = []
+    real = model.generate
+
+    def generate(**kwargs):
+        out = real(**kwargs)
+        drawn.extend(out[:, kwargs["input_ids"].shape[1]:].tolist())
+        return out
+
+    monkeypatch.setattr(model, "generate", generate)
+    sample(model, tokenizer, [prompt], config, progress=False)
+    eos = model.generation_config.eos_token_id
+    expected = reference_sample(model, prompt, config, eos if eos is not None else tokenizer.eos_token_id)
+    assert drawn == expected
+    with torch.no_grad():  # the settings matter here: the case is not vacuous
+        logits = model(torch.tensor([prompt])).logits[:, -1]
+    probs, plain = reference_probs(logits, temperature, top_k, top_p), logits.softmax(-1)
+    if top_k or top_p < 1:
+        assert 1 < (probs > 0).sum() < probs.shape[-1] / 2
+    elif temperature != 1:
+        assert (probs - plain).abs().max() > 1e-3
+
+
+def test_sampling_settings_change_the_samples(model, tokenizer):
+    """Another temperature, top-k, top-p or seed gives other samples of the same prompt."""
+    prompt = [tokenizer(PROMPTS[1])["input_ids"]]
+    settings = [{}, {"temperature": 0.5}, {"top_k": 5}, {"top_p": 0.6}, {"seed": 1}]
+    outs = [tuple(sample(model, tokenizer, prompt, SamplingConfig(max_new_tokens=8, samples=3, **setting),
+                         progress=False)[0]) for setting in settings]
+    assert len(set(outs)) == len(settings), outs
 
 
 def test_left_padded_cache_moves_each_row_right(model, tokenizer):

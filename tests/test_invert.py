@@ -1,11 +1,14 @@
 """Embedding inversion. Pure parts (pooling, the bag-of-words proxy, word moves, vocabulary
 filtering) against hand-written cases; the search and the CLI on tiny random encoders (a BERT in
 sentence-transformers layout, a CLIP text tower) with a 70-word WordPiece vocabulary; every bad
-input is one line and leaves no output. Devices: with the encoder on meta (standing in for a GPU),
-every tensor the encoder and the search build lands there. The real MiniLM (slow): equal to
-sentence-transformers, HotFlip finds word endings, and the search recovers real phrases exactly."""
+input is one line and leaves no output. The searches here stop on a step budget, never on the
+clock, so what they find does not depend on the machine's speed. Devices: with the encoder on meta
+(standing in for a GPU), every tensor the encoder and the search build lands there. The real
+MiniLM (slow): equal to sentence-transformers, HotFlip finds word endings, and the search recovers
+real phrases exactly."""
 
 import json
+import math
 from importlib import metadata
 from types import SimpleNamespace
 
@@ -77,6 +80,11 @@ def tiny_clip(tmp_path_factory):
         projection_dim=16, eos_token_id=tokenizer.sep_token_id, pad_token_id=0)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def by_steps(max_steps: int, **kwargs) -> InvertConfig:
+    """A search that only its step budget (or patience, or cosine 1) stops: no time limit."""
+    return InvertConfig(max_steps=max_steps, time_budget=math.inf, **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -166,7 +174,7 @@ def test_vocabulary_is_cached_per_encoder(tiny_bert, tiny_clip, cache):
 def test_search_recovers_phrases_on_tiny_encoders(request, which, phrase):
     encoder = load_encoder(request.getfixturevalue(which))
     words, vectors = vocabulary(encoder, progress=False)
-    config = InvertConfig(time_budget=30, seed=1)
+    config = by_steps(12, seed=1)  # these phrases take at most 6 steps (measured); patience ends the rest
     guess = invert_one(encoder.encode([phrase])[0], encoder, words, vectors, config)
     if which == "tiny_bert":
         assert guess.cosine > 0.999 and guess.text == phrase, guess
@@ -175,12 +183,36 @@ def test_search_recovers_phrases_on_tiny_encoders(request, which, phrase):
     assert all(c <= guess.cosine for _, c in guess.runners_up) and len(guess.runners_up) == config.runners_up
 
 
-def test_search_is_deterministic(tiny_bert):
+class _SlowClock:
+    """``time`` as a machine 1000 times slower would see it: every reading is 1000 s later."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1000.0
+        return self.now
+
+
+def test_search_is_deterministic_and_the_step_budget_stops_it(tiny_bert, monkeypatch):
+    """Random targets no phrase reaches: only the step budget ends the search. The same guesses
+    come back on a second run under a clock that runs 1000 times faster (a slow machine). Every
+    guess is at most ``max_words`` words and none begins with a "##" ending (a whole word put in
+    place of an ending used to add a word; deleting the word before an ending left it first)."""
+    from lmlab.invert import search
+
     encoder = load_encoder(tiny_bert)
     targets = torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(3)), dim=1)
-    config = InvertConfig(time_budget=60, seed=7, max_words=3)
-    first, second = (invert(targets, encoder, config, progress=False) for _ in range(2))
-    assert [(g.text, g.cosine, g.runners_up) for g in first] == [(g.text, g.cosine, g.runners_up) for g in second]
+    config = by_steps(2, seed=7, max_words=1)
+    first = invert(targets, encoder, config, progress=False)
+    monkeypatch.setattr(search, "time", _SlowClock())
+    again = invert(targets, encoder, config, progress=False)
+    assert [(g.text, g.cosine, g.runners_up) for g in first] == [(g.text, g.cosine, g.runners_up) for g in again]
+    assert [g.steps for g in first + again] == [2] * 4 and all(g.cosine < 0.9 for g in first)
+    texts = [t for g in first for t in [g.text, *(r for r, _ in g.runners_up)]]
+    assert all(len(t.split()) == 1 and not t.startswith("##") for t in texts), texts
+    with pytest.raises(LmlabError, match="max steps must be positive"):
+        InvertConfig(max_steps=0)
 
 
 # --- devices: meta stands in for a GPU (a CPU tensor mixed with a meta one is a device error) --
@@ -264,7 +296,13 @@ def test_bf16_encoder_gives_fp32_unit_vectors_and_its_own_cache(tiny_bert, cache
 
 
 @pytest.mark.parametrize("which", ["tiny_bert", "tiny_clip"])
-def test_cli_end_to_end(request, which, tmp_path, capsys):
+def test_cli_end_to_end(request, which, tmp_path, capsys, monkeypatch):
+    import lmlab.invert
+
+    def stepped(**options):  # the command's config, stopped by steps instead of its --time-budget
+        return by_steps(20, **{k: v for k, v in options.items() if k != "time_budget"})  # 11 at most here
+
+    monkeypatch.setattr(lmlab.invert, "InvertConfig", stepped)
     path = request.getfixturevalue(which)
     secrets = ["a red car", "fire", "a burning house"]
     encoder = load_encoder(path)
@@ -277,8 +315,10 @@ def test_cli_end_to_end(request, which, tmp_path, capsys):
     assert len(guesses) == 3 and summary["targets"] == 3 and summary["min_cosine"] > 0.95
     if which == "tiny_bert":
         assert guesses == secrets and summary["min_cosine"] > 0.999
-    report = json.loads((tmp_path / "guesses.json").read_text())["guesses"]
-    assert [r["row"] for r in report] == [0, 1, 2] and all(len(r["runners_up"]) == 4 for r in report)
+    report = json.loads((tmp_path / "guesses.json").read_text())
+    assert report["config"]["max_steps"] == 20 and report["config"]["time_budget"] is None  # inf: null in JSON
+    rows = report["guesses"]
+    assert [r["row"] for r in rows] == [0, 1, 2] and all(len(r["runners_up"]) == 4 for r in rows)
 
 
 # --- bad input: one line, exit 2, no output ---------------------------------------------------
@@ -406,5 +446,5 @@ def test_minilm_search_recovers_phrases_exactly(minilm):
     small = sorted(set(words[::12]) | {w for p in phrases for w in p.split()})
     vectors = minilm.encode(small)
     for phrase, target in zip(phrases, minilm.encode(phrases)):
-        guess = invert_one(target, minilm, small, vectors, InvertConfig(time_budget=30))
+        guess = invert_one(target, minilm, small, vectors, by_steps(12))  # 4 steps at most (measured)
         assert guess.text == phrase and guess.cosine > 0.9999, (phrase, guess)

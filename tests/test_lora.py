@@ -13,8 +13,8 @@ from lmlab.peft import lora
 
 
 def lora_model(family, r=4, alpha=8.0, targets=None, seed=0):
-    model = tiny(family, seed)
-    lora.apply(model, lora.LoraConfig(r=r, alpha=alpha, target_modules=targets))
+    model = tiny(family, seed)  # no dropout: train mode must be deterministic to compare logits
+    lora.apply(model, lora.LoraConfig(r=r, alpha=alpha, dropout=0.0, target_modules=targets))
     return model
 
 
@@ -89,6 +89,48 @@ def test_bad_config_is_one_clear_error(kwargs, message):
         lora.LoraConfig(**kwargs)
 
 
+def test_one_set_of_defaults(capsys):
+    """params, finetune and dpo (and a sweep's FinetuneConfig) apply the same LoRA defaults, those of
+    LoraConfig: r 128, alpha 4r unless given (so --rank 16 means alpha 64), dropout 0.05."""
+    from lmlab.cli import build_parser, method_config
+    from lmlab.finetune import FinetuneConfig
+    from lmlab.finetune import method_config as from_config
+
+    assert lora.LoraConfig() == lora.LoraConfig(r=128, alpha=512.0, dropout=0.05)
+    assert lora.LoraConfig(r=16).alpha == lora.default_alpha(16) == 64.0 and lora.LoraConfig(r=16, alpha=32).alpha == 32
+    parser = build_parser()
+    commands = (["params"], ["finetune"], ["dpo", "--data", "pairs.jsonl"])
+    for extra, expected in (([], lora.LoraConfig()), (["--rank", "16"], lora.LoraConfig(r=16, alpha=64.0)),
+                            (["--rank", "16", "--alpha", "32", "--lora-dropout", "0"],
+                             lora.LoraConfig(r=16, alpha=32.0, dropout=0.0))):
+        assert [method_config(parser.parse_args(argv + extra)) for argv in commands] == [expected] * 3
+    config = FinetuneConfig()
+    assert (config.rank, config.alpha, config.lora_dropout) == (128, None, 0.05)  # as run.json records them
+    assert from_config(config) == lora.LoraConfig() and from_config(FinetuneConfig(rank=16)).alpha == 64.0
+    # the help repeats the defaults (reading them there would import torch into `lmlab --help`)
+    for argv in commands:
+        with pytest.raises(SystemExit):
+            parser.parse_args([argv[0], "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"LoRA rank r (default {lora.LoraConfig.r})" in text and "(default 4 x rank)" in text
+        assert f"LoRA branch input (default {lora.LoraConfig.dropout})" in text
+
+
+def test_resume_keeps_the_recorded_alpha(tmp_path):
+    """A run recorded before alpha followed the rank (--rank 16 kept alpha 512) resumes as it trained."""
+    from lmlab.finetune import FinetuneConfig, method_config, resumed
+    from lmlab.io import write_json
+
+    old = {"rank": 16, "alpha": 512.0, "lora_dropout": 0.05, "lr": 1e-3, "out_dir": str(tmp_path)}
+    write_json(tmp_path / "run.json", {"options": old})
+    for given in ({}, {"rank": 16}, {"alpha": 512.0}):
+        config = resumed(FinetuneConfig(out_dir=str(tmp_path), resume=True, **given))
+        assert (config.rank, config.alpha, config.lr) == (16, 512.0, 1e-3)
+        assert method_config(config) == lora.LoraConfig(r=16, alpha=512.0, dropout=0.05)
+    with pytest.raises(LmlabError, match="--alpha 64.0 differs from its 512.0"):
+        resumed(FinetuneConfig(out_dir=str(tmp_path), resume=True, alpha=64.0))
+
+
 def test_target_matching_nothing_is_an_error(family):
     with pytest.raises(LmlabError, match="matches no"):
         lora_model(family, targets=("no_such_proj",))
@@ -145,7 +187,7 @@ def test_disabled_is_the_base_model(family, ids, mode):
     """Inside ``lora.disabled`` the adapted model gives the base model's logits, merged or not;
     outside it the adapter is back."""
     base = tiny(family)
-    model = lora.apply(copy.deepcopy(base), lora.LoraConfig(r=4, alpha=8))
+    model = lora.apply(copy.deepcopy(base), lora.LoraConfig(r=4, alpha=8, dropout=0.0))
     randomize([p for n, p in model.named_parameters() if "lora_B" in n], std=0.3)
     getattr(model, mode)()
     x = ids

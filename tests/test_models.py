@@ -1,4 +1,5 @@
-"""Model loading: presets, cache location, clear errors, and (slow) the embedded SmolLM2."""
+"""Model loading: presets, cache location, clear errors, a saved tiny model loads back with its
+logits, and (slow) the embedded SmolLM2."""
 
 import pytest
 import torch
@@ -58,11 +59,34 @@ def test_unknown_preset_for_config():
     assert "tiny-gpt2" in PRESETS
 
 
-def test_local_folder_round_trip(tmp_path):
-    model = build_model(preset_config("tiny-llama"))
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+def test_local_folder_round_trip(preset, tmp_path):
+    """A tiny model saved as a folder loads back through ``load_model`` with the same weights (the
+    same logits), in fp32, in eval mode, its tokenizer given a pad token; in bf16 on request (the
+    same weights rounded)."""
+    from transformers import AutoTokenizer
+
+    from lmlab.models import embedded_model_dir, resolve
+
+    config = preset_config(preset)
+    config.initializer_range = 0.3  # logits far apart, so that other weights would show
+    model = build_model(config, seed=3).eval()
     model.save_pretrained(tmp_path)
-    from lmlab.models import resolve
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())  # ids < 49,152 fit either vocabulary
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path)
     assert resolve(str(tmp_path)) == str(tmp_path)
+    loaded, tok = load_model(str(tmp_path))
+    assert type(loaded) is type(model) and loaded.dtype == torch.float32 and not loaded.training
+    assert tok.pad_token == tok.eos_token is not None
+    ids = torch.randint(0, 49152, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=0, rtol=0)
+    half, _ = load_model(str(tmp_path), dtype=torch.bfloat16)
+    ours = model.state_dict()
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, ours[n].to(torch.bfloat16))
+               for n, t in half.state_dict().items())
 
 
 @pytest.mark.slow

@@ -55,10 +55,19 @@ def test_percent_matches_peft_for_lora():
     peft_lib = pytest.importorskip("peft")
     for preset, targets in [("gpt2", ["c_attn"]), ("smollm2-135m", ["q_proj", "k_proj", "v_proj"])]:
         model = build_model(preset_config(preset), device="meta")
-        theirs = peft_lib.get_peft_model(model, peft_lib.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+        theirs = peft_lib.get_peft_model(model, peft_lib.LoraConfig(r=16, lora_alpha=32, target_modules=targets,
+                                                                     fan_in_fan_out=preset == "gpt2"))  # Conv1D
         trainable, total = theirs.get_nb_trainable_parameters()
         ours = params.report(preset, "lora", peft.make_config("lora", r=16))
         assert (ours["trainable"], ours["total"]) == (trainable, total)
+
+
+def test_shapes_under_grouped_query_attention():
+    spec = model_spec(preset_config("smollm2-135m"))
+    # 9 query heads and 3 key/value heads of 64: W_k and W_v are 576 x 192, not 576 x 576
+    assert params.projection_shapes(spec)["k_proj"] == params.matrix_shapes(spec)["k"] == (576, 192)
+    # LoRA r=16 on q, k, v: 30 * 16 * ((576 + 576) + 2 * (576 + 192)) = 1,290,240, by module or by short name
+    assert params.lora_count(spec, 16) == params.lora_count(spec, 16, ["q", "k", "v"]) == 1_290_240
 
 
 def test_closed_form_rejects_unknown_target():

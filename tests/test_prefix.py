@@ -114,12 +114,56 @@ def test_counts_equal_peft(preset, hidden):
     assert count_parameters(ours)[0] == theirs.get_nb_trainable_parameters()[0]
 
 
-def test_deep_copy_with_mlp_trains_on_its_own_prefixes(family, ids):
-    """A copy (e.g. a frozen reference model) must recompute its own prefixes every forward."""
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def sgd_step(model, ids, lr=1.0) -> None:
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["plain", "mlp"])
+def test_deep_copy_trains_on_its_own_prefixes(family, ids, config):
+    """A copy (e.g. a frozen reference model) is a model of its own: an optimizer step on it
+    moves its prefixes (and MLP) and its outputs, and leaves the original's parameters, outputs
+    and gradients as they were; a step on the original then leaves the copy where it was. Each
+    takes two steps: a prefix cached from the previous forward would fail the second backward."""
     import copy
 
-    model = prefixed(family, CONFIGS[1]).train()
+    model = prefixed(family, config).train()
+    before, before_logits = trainable(model), logits(model.eval(), ids)
+    twin = copy.deepcopy(model).train()
+    for _ in range(2):
+        sgd_step(twin, ids)
+    moved = trainable(twin)
+    assert before.keys() == moved.keys() and all(not torch.equal(moved[n], before[n]) for n in before)
+    assert all(torch.equal(p, before[n]) for n, p in trainable(model).items())
+    assert all(p.grad is None for p in model.parameters())
+    torch.testing.assert_close(logits(model.eval(), ids), before_logits, atol=0, rtol=0)
+    twin_logits = logits(twin.eval(), ids)
+    assert not torch.allclose(twin_logits, before_logits, atol=1e-3)  # the copy runs on its own prefixes
+    model.train()
+    for _ in range(2):
+        sgd_step(model, ids)
+    assert all(not torch.equal(p, before[n]) for n, p in trainable(model).items())
+    assert all(torch.equal(p, moved[n]) for n, p in trainable(twin).items())
+    torch.testing.assert_close(logits(twin, ids), twin_logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["plain", "mlp"])
+def test_deep_copy_after_a_training_forward(family, ids, config):
+    """A model copied right after a forward with gradients (a DPO reference taken mid-run): the
+    cached MLP prefixes of that forward belong to its graph and are not copied; the copy gives the
+    same outputs and trains on its own."""
+    import copy
+
+    model = prefixed(family, config).train()
+    model(ids, labels=ids).loss.backward()
     twin = copy.deepcopy(model)
-    for _ in range(2):  # a stale cached prefix would fail the second backward
-        twin(ids, labels=ids).loss.backward()
-    torch.testing.assert_close(logits(twin.eval(), ids), logits(model.eval(), ids), atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(twin.eval(), ids), logits(model.eval(), ids), atol=0, rtol=0)
+    before = trainable(model)
+    sgd_step(twin.train(), ids)
+    assert all(torch.equal(p, before[n]) for n, p in trainable(model).items())

@@ -224,9 +224,9 @@ def test_cli_end_to_end(tiny_model_dir, gsm_dir, tmp_path, capsys):
 
     assert main(["prompt", "--model", tiny_model_dir, "--dataset", str(gsm_dir), "--strategies", "few-shot,zero-shot",
                  "--shots", "1", "--limit", "2", "--chat-template", "off", "--max-new-tokens", "3", "--output",
-                 str(out), "--no-progress"]) == 0
+                 str(out), "--no-progress", "--overwrite"]) == 0
     table = capsys.readouterr().out
-    assert "chat template off" in table and "| strategy | accuracy | correct | n | unparseable |" in table
+    assert "chat template off" in table and "| strategy | accuracy | unparseable |" in table
     assert "| few-shot |" in table and "| zero-shot |" in table and f"generations: {out}" in table
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 4 and records[0]["prompt"].startswith("Question: ")
@@ -258,8 +258,10 @@ def test_cli_resumes_finished_strategies(tiny_model_dir, gsm_dir, tmp_path, caps
     assert [r["n"] for r in summary["results"]] == [3, 3]
     assert len(out.read_text().splitlines()) == 6 and not (tmp_path / "gen.jsonl.parts").exists()
     calls.clear()
-    assert main([*argv[:-4], "--max-new-tokens", "2", *argv[-4:]]) == 0  # other settings: nothing is reused
-    assert calls == ["zero-shot", "few-shot"]
+    assert main([*argv[:-4], "--max-new-tokens", "2", *argv[-4:]]) == 2  # the finished output is kept ...
+    assert "give --overwrite" in capsys.readouterr().err and calls == []
+    assert main([*argv[:-4], "--max-new-tokens", "2", "--overwrite", *argv[-4:]]) == 0  # other settings: nothing
+    assert calls == ["zero-shot", "few-shot"]  # is reused
 
 
 def _without_template(model_dir: str, where: Path) -> str:

@@ -1,6 +1,7 @@
 """Generation tasks: completion blocks and TL;DR items (loss on the right tokens), perplexity equals
-a naive computation, ROUGE equals hand-worked values, and the finetune -> generate -> evaluate
-round trip on a tiny model; bad input ends in one line."""
+a naive computation, ROUGE equals hand-worked values (directly and through ``evaluate
+--predictions``), finetune -> generate writes what peft's loader of the adapter generates, and the
+completion round trip on a tiny model; bad input ends in one line."""
 
 import json
 import math
@@ -134,21 +135,70 @@ def test_completion_round_trip_on_a_tiny_model(tiny_model_dir, corpus, tmp_path,
                                                         ("Before we", 2)]
 
 
-def test_summarization_round_trip(tiny_model_dir, pairs, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def lively_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny Llama with weights of std 0.3 (not 0.02), so that what it writes depends on the post."""
+    from transformers import AutoTokenizer
+
+    config = preset_config("tiny-llama")
+    config.initializer_range = 0.3
+    path = tmp_path_factory.mktemp("lively-llama")
+    build_model(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return str(path)
+
+
+def test_summarization_round_trip(lively_model_dir, pairs, tmp_path, capsys):
+    """finetune -> generate --tldr: the summaries are the greedy first lines that peft's own loader
+    of the saved adapter gives for each '<post>\nTL;DR:' prompt, in prompt order."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     run = tmp_path / "run"
-    assert main(["finetune", "--task", "summarization", "--model", tiny_model_dir, "--dataset", str(pairs),
+    assert main(["finetune", "--task", "summarization", "--model", lively_model_dir, "--dataset", str(pairs),
                  "--method", "lora", "--rank", "2", "--batch-size", "4", "--max-iters", "2", "--eval-interval", "2",
-                 "--out-dir", str(run), "--no-progress", "--json"]) == 0
+                 "--lr", "1e-2", "--out-dir", str(run), "--no-progress", "--json"]) == 0
     capsys.readouterr()
     predictions = tmp_path / "pred.txt"
     assert main(["generate", "--adapter", str(run / "last"), "--prompts", str(pairs), "--tldr", "--first-line",
                  "--temperature", "0", "--max-new-tokens", "8", "--output", str(predictions), "--no-progress"]) == 0
-    assert len(predictions.read_text().splitlines()) == len(PAIRS)
-    (tmp_path / "same.txt").write_text("".join(p["summary"] + "\n" for p in PAIRS))
-    assert main(["evaluate", "--task", "summarization", "--predictions", str(tmp_path / "same.txt"),
+    tokenizer = AutoTokenizer.from_pretrained(lively_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(lively_model_dir).eval()
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lively_model_dir), str(run / "last")).eval()
+
+    def greedy(model, post):
+        ids = tokenizer(post.strip() + TLDR, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip().split("\n")[0].strip()
+
+    expected = [greedy(tuned, p["post"]) for p in PAIRS]
+    assert predictions.read_text().splitlines() == expected and len(set(expected)) > 3, expected
+    assert expected != [greedy(base, p["post"]) for p in PAIRS]  # the adapter was applied
+
+
+def test_summarization_rouge_of_predictions_against_hand_worked_values(pairs, tmp_path, capsys):
+    """evaluate --predictions/--references pairs each line with its row's summary. Even rows
+    repeat their summary (1 everywhere); odd rows say "Count words in file i" against "Count the
+    words of file i": unigrams count, word(s), file, i match, 4 of 5 predicted (P) and 4 of 6
+    reference words (R); bigrams: only "file i", 1 of 4 and 1 of 5; the longest common
+    subsequence is those 4 words. A row paired with its neighbour's summary, or prediction and
+    reference swapped (P and R trade places), gives other means."""
+    lines = [p["summary"] if i % 2 == 0 else f"Count words in file {i}" for i, p in enumerate(PAIRS)]
+    (tmp_path / "pred.txt").write_text("".join(line + "\n" for line in lines))
+    assert main(["evaluate", "--task", "summarization", "--predictions", str(tmp_path / "pred.txt"),
                  "--references", str(pairs), "--output", str(tmp_path / "rouge.json"), "--json"]) == 0
-    capsys.readouterr()
-    assert json.loads((tmp_path / "rouge.json").read_text())["mean"]["rougeL"]["f"] == pytest.approx(1.0)
+    printed = json.loads(capsys.readouterr().out)
+    result = json.loads((tmp_path / "rouge.json").read_text())
+    assert printed["n"] == result["n"] == 12 and printed["mean"] == result["mean"]
+    odd = {"rouge1": (4 / 5, 4 / 6), "rouge2": (1 / 4, 1 / 5), "rougeL": (4 / 5, 4 / 6)}
+    for kind, (p, r) in odd.items():
+        f = 2 * p * r / (p + r)
+        assert result["examples"][1][kind] == pytest.approx({"precision": p, "recall": r, "f": f})
+        assert result["examples"][0][kind] == pytest.approx({"precision": 1, "recall": 1, "f": 1})
+        assert result["mean"][kind] == pytest.approx({"precision": (1 + p) / 2, "recall": (1 + r) / 2,
+                                                      "f": (1 + f) / 2})
 
 
 @pytest.mark.parametrize("rows,message", [

@@ -1,4 +1,5 @@
-"""Fine-tuning end to end on a tiny model: outputs, label-only loss, resume after a kill, bad input."""
+"""Fine-tuning end to end on a tiny model: outputs, best/ at the lowest validation loss, label-only
+loss, resume after a kill, bad input."""
 
 import json
 import pytest
@@ -9,6 +10,7 @@ from lmlab import train as train_mod
 from lmlab.cli import main
 from lmlab.data import Encoded, left_pad_batch
 from lmlab.io import load_tensors
+from lmlab.train import read_metrics
 
 
 def finetune(model_dir, data_dir, out, *extra):
@@ -27,8 +29,40 @@ def test_finetune_writes_checkpoints_metrics_and_plot(tiny_model_dir, small_data
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for ckpt in ("best", "last"):
         assert (run / ckpt / "adapter_model.safetensors").exists()
-    assert summary["steps"] == 4 and summary["best_val_loss"] <= summary["last_val_loss"] + 1e-9
-    assert not list(run.glob(".*tmp")), "no temporary folders left behind"
+    assert summary["steps"] == 4 and not list(run.glob(".*tmp")), "no temporary folders left behind"
+
+
+def test_best_holds_the_weights_of_the_lowest_validation_loss(tiny_model_dir, small_dataset, tmp_path, monkeypatch):
+    """The validation loss the engine sees is scripted to fall, rise and fall again (lowest at step
+    3 of 6); each evaluation also keeps a copy of the trainable weights and their real validation
+    loss. best/ must hold step 3's weights (loaded back: its real loss), last/ step 6's, and
+    metrics.jsonl and best/trainer_state.json the scripted losses and step."""
+    from lmlab.train import load_checkpoint, validation_loss
+
+    script = [3.0, 2.0, 1.0, 1.5, 2.5, 2.0]
+    seen = []  # (task, trainable weights, real validation loss) per evaluation
+    real_evaluate = train_mod.LabelTask.evaluate
+
+    def scripted(task, model, device):
+        real = real_evaluate(task, model, device)["loss"]
+        seen.append((task, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, real))
+        return {"loss": script[len(seen) - 1]}
+
+    monkeypatch.setattr(train_mod.LabelTask, "evaluate", scripted)
+    run = tmp_path / "run"
+    assert finetune(tiny_model_dir, small_dataset, run, "--max-iters", "6", "--eval-interval", "1",
+                    "--lr", "0.05") == 0
+    assert [(r["step"], r["val_loss"]) for r in read_metrics(run)] == list(enumerate(script, 1))
+    assert json.loads((run / "best" / "trainer_state.json").read_text()) == {"step": 3, "val_loss": 1.0}
+    task = seen[0][0]
+    for folder, step in (("best", 3), ("last", 6)):
+        model, tokenizer, _ = load_checkpoint(run / folder)
+        weights = {n: p for n, p in model.named_parameters() if "lora_" in n}
+        assert weights.keys() == seen[step - 1][1].keys()
+        assert all(torch.equal(weights[n], w) for n, w in seen[step - 1][1].items()), folder
+        real = validation_loss(model, task.val_items, task.pad_id, 4)
+        assert real == pytest.approx(seen[step - 1][2], rel=1e-5), folder
+    assert not all(torch.equal(seen[2][1][n], w) for n, w in seen[5][1].items())  # best and last differ
 
 
 def test_loss_is_on_label_tokens_only():

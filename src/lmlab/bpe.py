@@ -143,7 +143,7 @@ def _hf_tokenizer_json(vocab: dict, merges: list) -> str:
 
 def train(text: str, vocab_size: int, progress: bool = False) -> Tokenizer:
     """Learn ``vocab_size - 256`` merges from ``text`` (fewer if the corpus runs out of pairs)."""
-    from tqdm.auto import tqdm
+    from lmlab.progress import bar as progress_bar
 
     if vocab_size < 256:
         raise LmlabError(f"vocab size must be at least 256 (the byte alphabet), got {vocab_size}")
@@ -169,7 +169,7 @@ def train(text: str, vocab_size: int, progress: bool = False) -> Tokenizer:
     heapq.heapify(heap)
     merges: list[tuple[bytes, bytes]] = []
     made: list[int] = []
-    with tqdm(total=vocab_size - 256, disable=not progress, desc="merges", dynamic_ncols=True) as bar:
+    with progress_bar(total=vocab_size - 256, enabled=progress, desc="merges") as bar:
         while len(merges) < vocab_size - 256 and heap:
             neg, _, _, pair = heapq.heappop(heap)
             if pair_counts.get(pair, 0) != -neg or -neg <= 0:

@@ -10,7 +10,7 @@ process writes.
 
 from __future__ import annotations
 
-import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,7 @@ import torch
 
 from lmlab import devices, peft
 from lmlab.errors import LmlabError
-from lmlab.io import atomic_dir, committed_dir, load_tensors, save_tensors, write_json
+from lmlab.io import atomic_dir, committed_dir, load_tensors, load_torch, read_json, save_tensors, write_json
 
 STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -117,10 +117,10 @@ def resume(out: Path, model, optimizer, state: dict, accelerator) -> dict:
             p.copy_(weights[n])
     ranked = last / f"optimizer.rank{accelerator.process_index}.pt"
     if (last / OPTIMIZER_FILE).exists():
-        saved_optim = torch.load(last / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
+        saved_optim = _optimizer_file(last / OPTIMIZER_FILE)
         optimizer.load_state_dict(saved_optim["optimizer"])  # moves the state to the parameters' device
     elif ranked.exists():  # a sharded run: the optimizer is restored after accelerate wraps it (see fit)
-        saved_optim = torch.load(ranked, weights_only=True, map_location="cpu")
+        saved_optim = _optimizer_file(ranked)
         state = {**state, "_sharded_optimizer": saved_optim["optimizer"]}
     else:
         raise LmlabError(f"--resume: {last} has no optimizer state for process {accelerator.process_index} "
@@ -130,7 +130,9 @@ def resume(out: Path, model, optimizer, state: dict, accelerator) -> dict:
     devices.set_rng_state(rank_rng or saved_optim["rng"])  # dropout draws continue as if never stopped
     if "scaler" in saved_optim and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(saved_optim["scaler"])
-    saved = json.loads((last / STATE_FILE).read_text())
+    saved = read_json(last / STATE_FILE)
+    if not isinstance(saved, dict) or not isinstance(saved.get("step"), int):
+        raise LmlabError(f"--resume: {last / STATE_FILE} is not a trainer state")
     # written as null when not yet finite (valid JSON): no best yet, no evaluation yet
     saved["best_val_loss"] = float("inf") if saved.get("best_val_loss") is None else saved["best_val_loss"]
     saved["last_val_loss"] = float("nan") if saved.get("last_val_loss") is None else saved["last_val_loss"]
@@ -141,16 +143,62 @@ def resume(out: Path, model, optimizer, state: dict, accelerator) -> dict:
     return {**state, **saved}
 
 
+def _optimizer_file(path: Path) -> dict:
+    """A saved optimizer state: tensors and plain containers only (``io.load_torch``)."""
+    saved = load_torch(path)
+    if not isinstance(saved, dict) or "optimizer" not in saved or "rng" not in saved:
+        raise LmlabError(f"--resume: {path} is not an optimizer state lmlab wrote")
+    return saved
+
+
 def check_out_dir(cfg: TrainConfig) -> Path:
-    """Fail before any work if the out dir is unwritable, or holds a run and --resume was not given."""
+    """Fail before any work if the out dir is unwritable, is in use by another run (``lock_out_dir``),
+    or holds a run and --resume was not given."""
     out = Path(cfg.out_dir)
     _check_writable(out)
+    lock_out_dir(out)
     has_run = committed_dir(out / "last") is not None
     if has_run and not cfg.resume:
         raise LmlabError(f"{out} already holds a run; pass --resume to continue it or choose another --out-dir")
     if cfg.resume and not has_run:
         raise LmlabError(f"--resume: {out} has no checkpoint to resume from")
     return out
+
+
+@contextmanager
+def run_dir(cfg: TrainConfig):
+    """``check_out_dir`` for the length of a run, the folder unlocked after it; a run that fails
+    before writing anything there (bad data, a mistyped model) removes the folder it created, so
+    an input error leaves no empty out folder behind."""
+    import shutil
+
+    out = Path(cfg.out_dir)
+    fresh = not out.exists()
+    taken = Path(out).resolve() not in _held
+    check_out_dir(cfg)
+    try:
+        yield out
+    except BaseException:
+        if fresh and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+            unlock_out_dir(out)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        if taken:
+            unlock_out_dir(out)
+
+
+def child_dir(parent: str | Path, name: str) -> Path:
+    """``parent/name`` for a ``name`` that comes from data or a config (a sweep's run): one plain
+    folder name, so that nothing is written outside ``parent`` (no ``..``, no absolute path, no
+    separator, no leading dot that would hide it)."""
+    import os
+
+    separators = {"/", "\\", os.sep, os.altsep} - {None}
+    if (not isinstance(name, str) or not name or name.startswith(".") or "\0" in name
+            or any(sep in name for sep in separators)):
+        raise LmlabError(f"{name!r} is not a plain folder name inside {parent} (no separators, no leading dot)")
+    return Path(parent) / name
 
 
 def _check_writable(out: Path) -> None:
@@ -161,3 +209,98 @@ def _check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise LmlabError(f"cannot write to out dir {out}: {exc.strerror or exc}") from None
+
+
+# --- one run per folder ---------------------------------------------------------------------------
+
+LOCK_FILE = ".lmlab.lock"
+_held: dict[Path, Any] = {}  # resolved folder -> open lock file (this process's locks)
+
+
+def lock_out_dir(out: str | Path) -> bool:
+    """Claim ``out`` for this process: a second run (finetune, dpo, sweep) on the same folder is
+    refused in one line while this one lives. An OS lock (``flock``) on ``out/.lmlab.lock``: the
+    kernel drops it when the process ends, however it ends, so the lock of a killed run is never
+    stale; the file only names the holder (pid, host) for the message. Re-entrant in one process
+    (``finetune.run`` and the engine both check the folder); only the main process of a
+    torchrun / ``accelerate launch`` run locks, its other ranks share the folder. Returns whether
+    this call took the lock (False: already held here, or another rank's). Without ``fcntl``
+    (Windows) there is no lock."""
+    import os
+    import socket
+
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; two runs on one folder are not detected there
+        return False
+    key = Path(out).resolve()
+    if key in _held or int(os.environ.get("RANK", "0")) != 0:  # as engine.is_main_process
+        return False
+    path = key / LOCK_FILE
+    try:
+        key.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise LmlabError(f"cannot write to out dir {out}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise LmlabError(f"{out} is in use by another lmlab run ({holder}); wait for it to end or choose "
+                         "another --out-dir") from None
+    handle.seek(0)
+    left = handle.read().split()  # a holder that ends cleanly empties the file
+    if len(left) == 4 and left[3] == socket.gethostname() and left[1].isdigit() and not _alive(int(left[1])):
+        import sys
+
+        print(f"lmlab: {out}: its last run (pid {left[1]}) was killed; this run takes the folder over",
+              file=sys.stderr)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    if not _held:
+        import atexit
+
+        atexit.register(_release_all)
+    _held[key] = handle
+    return True
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def unlock_out_dir(out: str | Path) -> None:
+    """Release this process's lock on ``out`` (a no-op if it holds none)."""
+    handle = _held.pop(Path(out).resolve(), None)
+    if handle is not None:
+        handle.seek(0)
+        handle.truncate()  # an empty file: the next run knows this one ended cleanly
+        handle.close()  # closing the last descriptor releases the flock
+
+
+def _release_all() -> None:
+    for key in list(_held):
+        unlock_out_dir(key)
+
+
+@contextmanager
+def out_dir_lock(out: str | Path):
+    """``lock_out_dir`` for the length of a ``with`` block (released after it if taken by it)."""
+    taken = lock_out_dir(out)
+    try:
+        yield
+    finally:
+        if taken:
+            unlock_out_dir(out)

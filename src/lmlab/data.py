@@ -111,10 +111,21 @@ def _read_csv(path: Path, encoding: str = "utf-8") -> list[dict]:
 
 
 def read_hub(name: str, split: str, config: str | None = None) -> list[dict]:
+    """A split of a hub data set, through ``datasets.load_dataset``; offline, from its cache only,
+    and a data set that is in neither is one line at once (not a minute of retries)."""
+    import contextlib
+
     import datasets
 
+    from lmlab.hub import did_you_mean, hub_reachable, in_datasets_cache, offline
+
+    reachable = hub_reachable()
+    if not reachable and not in_datasets_cache(name):
+        raise LmlabError(f"dataset {name!r}: not a local folder, not in the datasets cache, and the hub is "
+                         f"unreachable; give a folder of .jsonl files{did_you_mean(name, (DEFAULT_DATASET,))}")
     try:
-        return list(datasets.load_dataset(name, config, split=split))
+        with contextlib.nullcontext() if reachable else offline():
+            return list(datasets.load_dataset(name, config, split=split))
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for "not found" / offline
         reason = " ".join(str(exc).split())[:200]
         raise LmlabError(

@@ -351,9 +351,9 @@ def _tracker(report_to: str):
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
+    from lmlab.progress import bar
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
+    return bar(total=total, initial=initial, enabled=enabled, desc=desc, unit="step")
 
 
 # --- metrics -----------------------------------------------------------------------------------
@@ -364,11 +364,13 @@ def read_metrics(out: str | Path) -> list[dict]:
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a kill
             continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):  # not another file's bytes
+            rows.append(row)
     return rows
 
 

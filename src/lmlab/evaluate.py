@@ -134,13 +134,13 @@ def _inference(model):
 def _batches(items: list[Encoded], batch_size: int, desc: str, progress: bool):
     """Index lists of similar-length items, longest first (least padding; the slowest batch
     comes first, so the progress bar's estimate is honest); each is counted on a tqdm bar."""
-    from tqdm.auto import tqdm
+    from lmlab.progress import bar
 
     order = sorted(range(len(items)), key=lambda i: -len(items[i]))
-    with tqdm(total=len(items), disable=not progress, desc=desc, unit="ex", dynamic_ncols=True) as bar:
+    with bar(total=len(items), enabled=progress, desc=desc, unit="ex") as shown:
         for start in range(0, len(order), batch_size):
             yield order[start:start + batch_size]
-            bar.update(min(batch_size, len(order) - start))
+            shown.update(min(batch_size, len(order) - start))
 
 
 def _pad_id(tokenizer) -> int:
@@ -276,11 +276,16 @@ def _continuation_logprob(model, completion: list[int], cache, mask: torch.Tenso
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1)
 
 
+def format_accuracy(correct: int, n: int) -> str:
+    """Accuracy as every command prints it: a percentage with one decimal and the count."""
+    return f"{100 * correct / n:.1f} % ({correct}/{n})" if n else "n/a (0/0)"
+
+
 def format_report(result: EvalResult, label_words) -> str:
     """Accuracy, unparseable count, speed and an aligned confusion matrix (rows = true label)."""
     names = [*label_words, "unparseable"]
     width = max(map(len, names)) + 2
-    lines = [f"accuracy     {result.accuracy:.4f}  ({result.correct}/{result.n})",
+    lines = [f"accuracy     {format_accuracy(result.correct, result.n)}",
              f"unparseable  {result.unparseable}",
              f"speed        {result.examples_per_s:.1f} examples/s",
              "confusion (rows: true, columns: predicted)",
@@ -321,6 +326,18 @@ def format_rouge(result: dict) -> str:
     return "\n".join(lines)
 
 
+def run_record(checkpoint) -> dict:
+    """The ``run.json`` of a checkpoint (``RUN``, ``RUN/best`` or ``RUN/last``); {} if it has none."""
+    from pathlib import Path
+
+    from lmlab.io import read_json
+
+    for run_file in (Path(checkpoint) / "run.json", Path(checkpoint).parent / "run.json"):
+        if run_file.is_file():
+            return read_json(run_file)
+    return {}
+
+
 def evaluate_checkpoint(checkpoint, *, split: str = "test", limit: int | None = None, scoring: bool = False,
                         batch_size: int = 16, device="cpu", dtype=None, progress: bool = False) -> EvalResult:
     """Classification accuracy of a ``finetune`` checkpoint on its run's data set, template and
@@ -329,12 +346,7 @@ def evaluate_checkpoint(checkpoint, *, split: str = "test", limit: int | None = 
     from lmlab.finetune import task_format
     from lmlab.train import load_checkpoint
 
-    import json
-    from pathlib import Path
-
-    run_file = Path(checkpoint) / "run.json"
-    run_file = run_file if run_file.exists() else Path(checkpoint).parent / "run.json"
-    bits = json.loads(run_file.read_text()).get("bits") if run_file.exists() else None  # QLoRA: its 4-bit base
+    bits = run_record(checkpoint).get("bits")  # QLoRA: its 4-bit base
     model, tokenizer, run_info = load_checkpoint(checkpoint, device=device, dtype=dtype, bits=bits)
     fmt = task_format(_Saved(), run_info)
     examples = subsample(load_splits(run_info.get("dataset") or DEFAULT_DATASET, fmt, (split,))[split], limit)
@@ -352,11 +364,23 @@ class _Saved:
     label_words = template = text_column = label_column = None
 
 
-def perplexity(model, tokenizer, items: list[Encoded], batch_size: int = 8) -> dict:
+def perplexity(model, tokenizer, items: list[Encoded], batch_size: int = 8, progress: bool = False) -> dict:
     """Mean token cross-entropy of the completions and its exponential (the perplexity)."""
     import math
 
     from lmlab.train import validation_loss
 
-    loss = validation_loss(model, items, _pad_id(tokenizer), batch_size)
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": sum(len(i.completion_ids) for i in items)}
+    loss = validation_loss(model, items, _pad_id(tokenizer), batch_size, progress=progress)
+    return {"n": len(items), "loss": loss, "perplexity": math.exp(loss),
+            "tokens": sum(len(i.completion_ids) for i in items)}
+
+
+def generate_summaries(model, tokenizer, items: list[Encoded], *, max_new_tokens: int = 40, batch_size: int = 8,
+                       progress: bool = False) -> list[str]:
+    """Greedy summaries of the prompts of summarization ``items`` (the very ids the model trained
+    on, ``<post>\nTL;DR:``), each cut at its first line as ``generate --first-line`` does."""
+    from lmlab.generate import SamplingConfig, sample
+
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+    outputs = sample(model, tokenizer, [list(i.prompt_ids) for i in items], config, progress=progress)
+    return [texts[0].strip().split("\n")[0].strip() for texts in outputs]

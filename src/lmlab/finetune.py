@@ -17,17 +17,17 @@ from lmlab.models import DEFAULT_MODEL
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
     """A fine-tuning run. Method options: ``rank``/``alpha``/``lora_dropout``/``target`` (LoRA;
-    alpha None = 2r), ``bottleneck``/``train_layer_norms`` (adapter), ``prefix_length``/
-    ``prefix_hidden`` (prefix). Data: ``task`` classification (``dataset``, columns, ``template``,
-    ``label_words`` as "w0,w1"), completion or summarization (``block_size``, ``val_fraction``,
-    ``summary_column``). Training: see ``engine.TrainConfig``. ``load_in_4bit``/``load_in_8bit``:
-    QLoRA's quantised frozen base (CUDA, bitsandbytes)."""
+    None: ``LoraConfig``'s defaults, alpha 4 x rank), ``bottleneck``/``train_layer_norms``
+    (adapter), ``prefix_length``/``prefix_hidden`` (prefix). Data: ``task`` classification
+    (``dataset``, columns, ``template``, ``label_words`` as "w0,w1"), completion or summarization
+    (``block_size``, ``val_fraction``, ``summary_column``). Training: see ``engine.TrainConfig``.
+    ``load_in_4bit``/``load_in_8bit``: QLoRA's quantised frozen base (CUDA, bitsandbytes)."""
 
     model: str = DEFAULT_MODEL
     method: str = "lora"
-    rank: int = 128
-    alpha: float | None = 512.0
-    lora_dropout: float = 0.05
+    rank: int | None = None  # None: LoRA's default, ``lmlab.peft.lora.LoraConfig.r`` (128)
+    alpha: float | None = None  # None: 4 x rank (``lora.default_alpha``), also when recorded so
+    lora_dropout: float | None = None  # None: ``LoraConfig.dropout`` (0.05)
     target: str | None = None
     bottleneck: int = 64
     train_layer_norms: bool = False
@@ -63,6 +63,14 @@ class FinetuneConfig:
     load_in_4bit: bool = False
     load_in_8bit: bool = False
     json: bool = False  # quiet: no banner (the command prints the result as JSON)
+
+    def __post_init__(self):
+        # LoRA's rank and dropout are LoraConfig's when not given, and recorded as numbers in run.json
+        from lmlab.peft.lora import LoraConfig
+
+        for name, default in (("rank", LoraConfig.r), ("lora_dropout", LoraConfig.dropout)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
 
     @classmethod
     def from_options(cls, options: dict) -> FinetuneConfig:
@@ -115,9 +123,9 @@ def method_config(options):
 
     if options.method == "lora":
         targets = tuple(t.strip() for t in options.target.split(",") if t.strip()) if options.target else None
-        alpha = options.alpha if options.alpha is not None else 2.0 * options.rank
-        return peft.make_config("lora", r=options.rank, alpha=alpha, dropout=options.lora_dropout,
-                                target_modules=targets)
+        given = {"r": options.rank, "alpha": options.alpha, "dropout": options.lora_dropout}
+        # not given (None): LoraConfig's defaults, alpha = lora.default_alpha(rank)
+        return peft.make_config("lora", **{k: v for k, v in given.items() if v is not None}, target_modules=targets)
     if options.method == "adapter":
         return peft.make_config("adapter", bottleneck=options.bottleneck, train_layer_norms=options.train_layer_norms)
     if options.method == "prefix":
@@ -221,11 +229,13 @@ def resumed(config: FinetuneConfig) -> FinetuneConfig:
     """The recorded run's settings for ``--resume`` (from its ``run.json``): a setting given that
     differs from the record (and from its default) is one error that names it; only how long the
     run goes (``max_iters``/``epochs``) and how and where it runs may change."""
-    import json
     from pathlib import Path
 
+    from lmlab.io import read_json
+
     run_file = Path(config.out_dir) / "run.json"
-    recorded = json.loads(run_file.read_text()).get("options") if run_file.exists() else None
+    saved = read_json(run_file) if run_file.exists() else {}  # a damaged file: one error, not a traceback
+    recorded = saved.get("options") if isinstance(saved, dict) else None
     if not recorded:  # a run written before options were recorded: the flags as given
         return config
     defaults = FinetuneConfig()
@@ -248,18 +258,22 @@ def resumed(config: FinetuneConfig) -> FinetuneConfig:
 def run(config: FinetuneConfig) -> dict:
     """Fine-tune as ``config`` says; returns the summary (``engine.TrainResult`` fields, parameter
     counts and the resolved settings). With ``resume``, the run continues as its ``run.json`` says."""
-    import sys
+    from lmlab.checkpoint import run_dir
 
     if config.resume:
         config = resumed(config)
+    cfg = config.train_config()
+    with run_dir(cfg):
+        return _run(config, cfg)
+
+
+def _run(config: FinetuneConfig, cfg) -> dict:
+    import sys
 
     from lmlab import peft
     from lmlab.data import DEFAULT_DATASET, encode, load_splits, subsample
-    from lmlab.engine import check_out_dir
     from lmlab.train import train
 
-    cfg = config.train_config()
-    check_out_dir(cfg)
     method = method_config(config)
     bits = config.bits
     if config.task == "classification":

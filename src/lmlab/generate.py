@@ -63,11 +63,11 @@ def sample(model, tokenizer, prompts: list[str] | list[list[int]], config: Sampl
     With ``shared_prefix`` (decoder-only models), the tokens every prompt starts with (few-shot
     exemplars, an instruction) run once and each batch starts from their KV cache (``lmlab.kvcache``).
     """
-    from tqdm.auto import tqdm
     from transformers import LogitsProcessorList
 
     from lmlab.evaluate import _inference, _pad_id
     from lmlab.kvcache import cache_arg, left_padded_cache, prefix_cache, shared_prefix_length
+    from lmlab.progress import bar as progress_bar
 
     if not prompts:
         raise LmlabError("no prompts")
@@ -97,8 +97,7 @@ def sample(model, tokenizer, prompts: list[str] | list[list[int]], config: Sampl
     # fork (and seed) the generator of the device that samples too, so GPU texts follow --seed as well
     forked = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"), _inference(model), \
-            tqdm(total=len(prompts) * config.samples, disable=not progress, desc="generating", unit="text",
-                 dynamic_ncols=True) as bar:
+            progress_bar(total=len(prompts) * config.samples, enabled=progress, desc="generating", unit="text") as bar:
         prefix = prefix_cache(model, encoded[0][:shared]) if shared else None
         torch.manual_seed(config.seed)
         for start in range(0, len(order), config.batch_size):

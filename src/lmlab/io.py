@@ -80,11 +80,35 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None =
 
 
 def load_tensors(path: str | os.PathLike) -> dict:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not Path(path).exists():
         raise LmlabError(f"no such file: {path}")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:  # a damaged or foreign file (safetensors holds no code)
+        raise LmlabError(f"{path}: not a safetensors file ({' '.join(str(exc).split())[:120]})") from None
+
+
+def load_torch(path: str | os.PathLike):
+    """``torch.load`` of tensors and plain containers only (``weights_only``, on the CPU): a file that
+    holds other pickled objects, which could run code when unpickled, is one error and is not run."""
+    import pickle
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files
+            warnings.simplefilter("ignore")
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise LmlabError(f"no such file: {path}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        why = "it holds pickled Python objects besides tensors, which lmlab does not load" \
+            if isinstance(exc, pickle.UnpicklingError) else " ".join(str(exc).split())[:120]
+        raise LmlabError(f"{path}: not a tensor file ({why})") from None
 
 
 def read_json(path: str | os.PathLike):
@@ -162,9 +186,12 @@ def read_texts(path: str | os.PathLike, field: str = "text") -> list[str]:
         import numpy as np
 
         try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as exc:
+            array = np.load(path, allow_pickle=False)  # object arrays (pickles) are refused, never run
+        except (ValueError, OSError, EOFError) as exc:
             raise LmlabError(f"{path}: not a numpy array of strings ({' '.join(str(exc).split())[:120]})") from None
+        if not isinstance(array, np.ndarray):  # an .npz archive under an .npy name
+            array.close()
+            raise LmlabError(f"{path}: not a numpy array of strings (an .npz archive)")
         if array.ndim != 1 or array.dtype.kind not in "US":
             raise LmlabError(f"{path}: expected a 1-D array of strings, got shape {array.shape} dtype {array.dtype}")
         return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in array.tolist()]

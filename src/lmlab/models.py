@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmlab.errors import LmlabError
+from lmlab.hub import did_you_mean, hub_reachable, in_hf_cache
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -162,8 +163,9 @@ def model_config(name_or_path: str, *, trust_remote_code: bool = False):
         return preset_config(name_or_path)
     from transformers import AutoConfig
 
+    source = resolve(name_or_path)  # a typo or an offline hub id: one line at once, not a minute of retries
     try:
-        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise LmlabError(_not_found(name_or_path, exc)) from None
 
@@ -243,38 +245,14 @@ def resolve(name_or_path: str) -> str:
         return name_or_path
     if Path(name_or_path).suffix or name_or_path.startswith((".", "/", "~")):
         raise LmlabError(f"cannot load model {name_or_path!r}: no such folder")
-    if not _in_hf_cache(name_or_path) and not _hub_reachable():
+    if not in_hf_cache(name_or_path) and not hub_reachable():
         raise LmlabError(
             f"cannot load model {name_or_path!r}: not an embedded model ({', '.join(EMBEDDED)}), "
             "not a local folder, not in the Hugging Face cache, and the hub is unreachable"
-            + (" (as a built-in preset it has an architecture but no weights)" if name_or_path in PRESETS else "")
+            + (" (as a built-in preset it has an architecture but no weights)" if name_or_path in PRESETS
+               else did_you_mean(name_or_path, PRESETS))
         )
     return name_or_path
-
-
-def _in_hf_cache(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except ValueError:  # not a valid repo id
-        return False
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, *, device="cpu", dtype=None, bits: int | None = None,
@@ -288,7 +266,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device="cpu", dtype=None, b
     ``AutoModelForSeq2SeqLM``. The tokenizer always has a pad token (the EOS token when the model
     defines none).
     """
+    import pickle
+
     import torch
+    from safetensors import SafetensorError
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -309,6 +290,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device="cpu", dtype=None, b
         extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
         with _quiet_weight_loading():
             model = auto.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    except (pickle.UnpicklingError, SafetensorError) as exc:  # .bin weights: torch.load(weights_only=True)
+        why = ("holds pickled Python objects besides tensors, which lmlab does not load (save the model as "
+               "safetensors)" if isinstance(exc, pickle.UnpicklingError) else "is not a valid safetensors file")
+        raise LmlabError(f"cannot load model {name_or_path!r}: its weights file {why}") from None
     except (OSError, ValueError) as exc:
         raise LmlabError(_not_found(name_or_path, exc)) from None
     if tokenizer.pad_token is None:
@@ -337,7 +322,7 @@ def _not_found(name: str, exc: Exception) -> str:
     reason = re.sub(r"\s+", " ", str(exc)).strip()[:300]
     return (
         f"cannot load model {name!r}: not an embedded model ({', '.join(EMBEDDED)}), "
-        f"not a local folder, and as a hub id: {reason}"
+        f"not a local folder, and as a hub id: {reason}{did_you_mean(name, PRESETS)}"
     )
 
 

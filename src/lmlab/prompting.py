@@ -275,7 +275,9 @@ def run_strategy(model, tokenizer, problems: list[Problem], train: list[Problem]
 
 def format_table(results: list[StrategyResult]) -> str:
     """A Markdown table: accuracy, counts, unparseable and time per strategy."""
-    lines = ["| strategy | accuracy | correct | n | unparseable | s/problem |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r.strategy} | {r.accuracy:.1%} | {r.correct} | {r.n} | {r.unparseable} | {r.seconds / r.n:.2f} |"
+    from lmlab.evaluate import format_accuracy
+
+    lines = ["| strategy | accuracy | unparseable | s/problem |", "|---|---:|---:|---:|"]
+    lines += [f"| {r.strategy} | {format_accuracy(r.correct, r.n)} | {r.unparseable} | {r.seconds / r.n:.2f} |"
               for r in results]
     return "\n".join(lines)

@@ -110,6 +110,26 @@ def read_pairs(data: SftData) -> tuple[list[dict], list[dict]]:
     return train, val
 
 
+def held_out_pairs(data: SftData, split: str | None = None) -> tuple[str, list[dict]]:
+    """(split name, rows) to evaluate summaries on: a data folder's ``test.jsonl`` (the default when
+    there is one), else the validation rows finetune held out; ``train`` for the training rows."""
+    from lmlab.data import read_jsonl
+
+    test = Path(data.source) / "test.jsonl"
+    split = split or ("test" if test.is_file() else "validation")
+    if split == "test":
+        if not test.is_file():
+            raise LmlabError(f"{data.source} has no test.jsonl; use --split validation (the held-out tail)")
+        rows = read_jsonl(test)
+        for n, row in enumerate(rows, 1):
+            for column in (data.post_column, data.summary_column):
+                if not isinstance(row.get(column), str) or not row[column].strip():
+                    raise LmlabError(f"{test} (row {n}): missing or empty {column!r}")
+        return split, rows
+    train, val = read_pairs(data)
+    return split, train if split == "train" else val
+
+
 def summary_prompt(post: str) -> str:
     return post.strip() + TLDR
 

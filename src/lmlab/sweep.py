@@ -17,14 +17,18 @@ lists. ``alpha = "4r"`` ties alpha to the rank. From TOML::
     method = "full"
     lr = 5e-5
 
-Each run writes its own folder under the sweep folder; a run whose ``result.json`` exists is
-skipped when the sweep is started again, so a killed sweep resumes where it stopped.
+Each run writes its own folder under the sweep folder, named by its readable settings and a short
+hash of its whole configuration (``lora-r16-a64-3f9c2a1b``): runs that differ in any setting that
+changes the experiment (seed, data, template, model, dropout, ...) get their own folders. A run
+whose ``result.json`` exists is skipped when the sweep is started again, so a killed sweep resumes
+where it stopped. ``plan`` lists the runs and their folders without running them.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import itertools
 import json
@@ -35,6 +39,11 @@ from lmlab.errors import LmlabError
 from lmlab.io import read_json, write_json, write_text
 
 RESULT_FILE = "result.json"
+# Settings that say how and where a run goes, not what it is (finetune.RESUMABLE, less its length):
+# they do not enter a run's identity, so changing them finds the same folder (resumed or skipped).
+NOT_IDENTITY = frozenset({"out_dir", "resume", "report_to", "no_progress", "json", "device", "dtype"})
+# Set by the sweep itself: each run's folder is the sweep's to choose, and the sweep resumes.
+SWEEP_OWNED = ("out_dir", "resume")
 
 
 def expand(blocks: list[dict], common: dict | None = None) -> list[dict]:
@@ -52,17 +61,28 @@ def expand(blocks: list[dict], common: dict | None = None) -> list[dict]:
                 if not m or "rank" not in run:
                     raise LmlabError(f"alpha {alpha!r}: write a number or a multiple of r such as '4r'")
                 run["alpha"] = float(m.group(1) or 1) * run["rank"]
+            owned = [k for k in SWEEP_OWNED if k in run]
+            if owned:
+                raise LmlabError(f"a sweep grid cannot set {owned[0]}: each run's folder is chosen (and resumed) by "
+                                 "the sweep under its --out-dir")
             runs.append(run)
     unique = {}
     for r in runs:  # overlapping blocks (r=16 with alpha=4r, and alpha in {64, 256} at r=16) run once
-        unique.setdefault(run_name(r), r)
+        unique.setdefault(run_id(r), r)
     return list(unique.values())
 
 
-def load_grid(path: str | Path) -> list[dict]:
-    """Runs from a TOML file with an optional ``[common]`` table and ``[[run]]`` blocks."""
-    import tomllib
-
+def load_grid(path: str | Path, defaults: dict | None = None) -> list[dict]:
+    """Runs from a TOML file with an optional ``[common]`` table and ``[[run]]`` blocks;
+    ``defaults`` lie under ``[common]`` (the sweep command's ``--eval-limit``)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the same parser as the tomli package
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise LmlabError("--grid: reading TOML on Python 3.10 needs the tomli package: pip install tomli "
+                             "(or give the grid as --run/--common)") from None
     try:
         spec = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -70,35 +90,103 @@ def load_grid(path: str | Path) -> list[dict]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise LmlabError(f"{path}: not valid TOML ({exc})") from None
     blocks = spec.get("run")
-    if not isinstance(blocks, list) or not blocks:
+    if not isinstance(blocks, list) or not blocks or not all(isinstance(b, dict) for b in blocks):
         raise LmlabError(f"{path}: needs at least one [[run]] block")
-    return expand(blocks, spec.get("common", {}))
+    common = spec.get("common", {})
+    if not isinstance(common, dict):
+        raise LmlabError(f"{path}: [common] must be a table")
+    return expand(blocks, {**(defaults or {}), **common})
 
 
-_SHORT = {"rank": "r", "alpha": "a", "lr": "lr", "bottleneck": "m", "prefix_length": "l"}
+# The readable part of a folder name: the method's size settings, then the learning rate if not the default.
+_SHORT = {"lora": (("rank", "r"), ("alpha", "a")), "adapter": (("bottleneck", "m"),),
+          "prefix": (("prefix_length", "l"),)}
 
 
 def run_name(run: dict) -> str:
-    """A readable, stable folder name: ``lora-r16-a64``, ``full-lr5e-05``."""
-    parts = [run["method"]]
-    for key, short in _SHORT.items():
-        if key in run and (run["method"] == "lora" or key not in ("rank", "alpha")):
-            value = run[key]
-            parts.append(f"{short}{value:g}" if isinstance(value, float) else f"{short}{value}")
-    return "-".join(parts)
+    """The readable part of a run's folder name: ``lora-r16-a64``, ``full-lr5e-05``, from the run's
+    resolved settings (given or default alike). Not unique (``run_id`` is); made of letters, digits
+    and ``.+_-`` only, whatever the grid holds."""
+    from lmlab.finetune import FinetuneConfig
+
+    settings = identity(run)
+    parts = [str(settings["method"])]
+    for key, short in _SHORT.get(settings["method"], ()):
+        if settings[key] is not None:
+            parts.append(f"{short}{_short_value(settings[key])}")
+    if settings["lr"] != FinetuneConfig.lr:
+        parts.append(f"lr{_short_value(settings['lr'])}")
+    return re.sub(r"[^A-Za-z0-9.+_-]+", "_", "-".join(parts)).lstrip(".")[:80] or "run"
 
 
-def run(runs: list[dict], out_dir: str | Path, *, split: str = "test", eval_limit: int | None = 500,
+def _short_value(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def identity(run: dict) -> dict:
+    """The settings that make a run the experiment it is: every ``FinetuneConfig`` field as the run
+    resolves it (defaults included, so ``rank=128`` given or not is the same run), less those in
+    ``NOT_IDENTITY``. Whole numbers given for float settings count as floats (``alpha=64`` is
+    ``alpha=4r`` at r=16). An unknown option is kept as given (``run`` and ``plan`` refuse it)."""
+    from lmlab.finetune import FinetuneConfig
+
+    known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    options = {k.replace("-", "_"): v for k, v in run.items() if k not in SWEEP_OWNED}
+    config = FinetuneConfig.from_options({k: v for k, v in options.items() if k in known})
+    settings = {f"unknown:{k}": v for k, v in options.items() if k not in known}
+    for f in dataclasses.fields(config):
+        if f.name in NOT_IDENTITY:
+            continue
+        value = getattr(config, f.name)
+        if str(f.type).startswith("float") and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        settings[f.name] = value
+    return settings
+
+
+def run_id(run: dict) -> str:
+    """A run's folder name under the sweep folder: ``run_name`` and 8 hex digits of the SHA-256 of
+    its ``identity``, so two runs share a folder only if they are the same experiment."""
+    text = json.dumps(identity(run), sort_keys=True, default=str)
+    return f"{run_name(run)}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def run_dir(sweep_dir: str | Path, run: dict) -> Path:
+    """``sweep_dir/<run_id>``, checked to lie inside ``sweep_dir``."""
+    from lmlab.checkpoint import child_dir
+
+    return child_dir(sweep_dir, run_id(run))
+
+
+def plan(runs: list[dict], out_dir: str | Path, *, device: str = "auto", dtype: str = "auto") -> list[dict]:
+    """What ``run`` would do, without doing it: each run's id, folder, settings and state (``done``:
+    skipped, ``resume``: a checkpoint without a result, ``new``). Every run's options are checked."""
+    from lmlab.finetune import FinetuneConfig
+    from lmlab.io import committed_dir
+
+    rows = []
+    for r in runs:
+        folder = run_dir(out_dir, r)
+        FinetuneConfig.from_options({"device": device, "dtype": dtype, **r, "out_dir": str(folder)}).check()
+        state = "done" if (folder / RESULT_FILE).exists() else "resume" if committed_dir(folder / "last") else "new"
+        rows.append({"run": folder.name, "folder": str(folder), "state": state, "settings": r})
+    return rows
+
+
+def run(runs: list[dict], out_dir: str | Path, *, split: str = "test", accuracy_limit: int | None = None,
         device: str = "auto", dtype: str = "auto") -> list[dict]:
     """Run the grid ``runs`` (from ``expand`` or ``load_grid``) one after another into
-    ``out_dir/<run name>/``, evaluate each run's best and last checkpoints on ``split``, and write
-    ``results.md``, ``results.csv`` and ``val_loss.png``; returns the finished runs' rows.
+    ``out_dir/<run id>/``, evaluate each run's best and last checkpoints on ``split`` (all of it, or
+    ``accuracy_limit`` examples drawn with a fixed seed), and write ``results.md``, ``results.csv``
+    and ``val_loss.png``; returns the finished runs' rows.
 
     Every run's options are checked before the first one trains. A run with a ``result.json`` is
-    skipped; one with a checkpoint but no result (a killed sweep) is resumed."""
+    skipped; one with a checkpoint but no result (a killed sweep) is resumed. The sweep folder is
+    locked while the sweep runs (``checkpoint.lock_out_dir``): a second sweep on it is refused."""
     import sys
 
     from lmlab import devices
+    from lmlab.checkpoint import out_dir_lock
     from lmlab.evaluate import evaluate_checkpoint
     from lmlab.finetune import FinetuneConfig
     from lmlab.finetune import run as finetune_run
@@ -106,27 +194,31 @@ def run(runs: list[dict], out_dir: str | Path, *, split: str = "test", eval_limi
 
     out_dir = Path(out_dir)
     configs = [FinetuneConfig.from_options({"device": device, "dtype": dtype, **r,
-                                            "out_dir": str(out_dir / run_name(r))}).check() for r in runs]
+                                            "out_dir": str(run_dir(out_dir, r))}).check() for r in runs]
     placement = devices.select_device(device)
     compute = devices.select_dtype(dtype, placement, warn_slow=False)
-    try:  # the table and the plot show what finished, also when a run fails or is stopped
-        for i, (settings, config) in enumerate(zip(runs, configs), 1):
-            run_dir = Path(config.out_dir)
-            if (run_dir / RESULT_FILE).exists():
-                print(f"[{i}/{len(runs)}] {run_dir.name}: done before, skipped", file=sys.stderr)
-                continue
-            print(f"[{i}/{len(runs)}] {run_dir.name}", file=sys.stderr, flush=True)
-            if committed_dir(run_dir / "last") is not None:
-                config = dataclasses.replace(config, resume=True)  # a run the last sweep left unfinished
-            summary = finetune_run(config)
-            accuracy = {which: evaluate_checkpoint(run_dir / which, split=split, limit=eval_limit, device=placement,
-                                                   dtype=compute).to_dict() for which in ("best", "last")}
-            save_result(run_dir, result_row(settings, summary, accuracy["best"], accuracy["last"]))
-            devices.release_memory()
-    finally:
-        if any((out_dir / run_name(r) / RESULT_FILE).exists() for r in runs):
-            write_tables(out_dir, collect(out_dir, runs))
-            plot(out_dir, runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with out_dir_lock(out_dir):
+        try:  # the table and the plot show what finished, also when a run fails or is stopped
+            for i, (settings, config) in enumerate(zip(runs, configs), 1):
+                folder = Path(config.out_dir)
+                if (folder / RESULT_FILE).exists():
+                    print(f"[{i}/{len(runs)}] {folder.name}: done before, skipped", file=sys.stderr)
+                    continue
+                print(f"[{i}/{len(runs)}] {folder.name}", file=sys.stderr, flush=True)
+                if committed_dir(folder / "last") is not None:
+                    config = dataclasses.replace(config, resume=True)  # a run the last sweep left unfinished
+                with out_dir_lock(folder):  # released when the run is done (finetune.run locks for the process)
+                    summary = finetune_run(config)
+                    accuracy = {which: evaluate_checkpoint(folder / which, split=split, limit=accuracy_limit,
+                                                           device=placement, dtype=compute).to_dict()
+                                for which in ("best", "last")}
+                    save_result(folder, result_row(settings, summary, accuracy["best"], accuracy["last"]))
+                devices.release_memory()
+        finally:
+            if any((run_dir(out_dir, r) / RESULT_FILE).exists() for r in runs):
+                write_tables(out_dir, collect(out_dir, runs))
+                plot(out_dir, runs)
     return collect(out_dir, runs)
 
 
@@ -134,9 +226,12 @@ def collect(sweep_dir: str | Path, runs: list[dict]) -> list[dict]:
     """The result rows of the finished runs, in grid order."""
     rows = []
     for run in runs:
-        path = Path(sweep_dir) / run_name(run) / RESULT_FILE
+        path = run_dir(sweep_dir, run) / RESULT_FILE
         if path.exists():
-            rows.append(read_json(path))
+            row = read_json(path)
+            if not isinstance(row, dict):
+                raise LmlabError(f"{path}: not a sweep result")
+            rows.append(row)
     return rows
 
 
@@ -171,8 +266,8 @@ def plot(sweep_dir: str | Path, runs: list[dict]) -> Path:
     from lmlab.plots import plot_runs
     from lmlab.engine import read_metrics
 
-    curves = {run_name(r): [(m["step"], m["val_loss"]) for m in read_metrics(Path(sweep_dir) / run_name(r))
-                            if m.get("val_loss") is not None] for r in runs}
+    curves = {run_id(r): [(m["step"], m["val_loss"]) for m in read_metrics(run_dir(sweep_dir, r))
+                          if m.get("val_loss") is not None] for r in runs}
     path = Path(sweep_dir) / "val_loss.png"
     plot_runs(curves, path, title="validation loss", ylabel="label-token loss")
     return path
@@ -183,8 +278,12 @@ def save_result(run_dir: str | Path, row: dict) -> None:
 
 
 def result_row(run: dict, train_summary: dict, acc_best: dict, acc_last: dict) -> dict:
-    return {"run": run_name(run), "method": run["method"], "rank": run.get("rank") if run["method"] == "lora" else None,
-            "alpha": run.get("alpha") if run["method"] == "lora" else None,
+    from lmlab.peft.lora import LoraConfig, default_alpha
+
+    lora = run["method"] == "lora"
+    rank = run.get("rank") or LoraConfig.r
+    return {"run": run_id(run), "method": run["method"], "rank": rank if lora else None,
+            "alpha": (run.get("alpha") or default_alpha(rank)) if lora else None,
             "trainable": train_summary["trainable"], "percent": train_summary["percent"],
             "best_step": train_summary["best_step"], "best_val_loss": train_summary["best_val_loss"],
             "acc_best": acc_best["accuracy"], "acc_last": acc_last["accuracy"],

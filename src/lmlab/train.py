@@ -50,17 +50,19 @@ def label_loss(model, input_ids, attention_mask, position_ids, labels) -> tuple[
 
 
 @torch.no_grad()
-def validation_loss(model, items: list[Encoded], pad_id: int, batch_size: int, device=None) -> float:
+def validation_loss(model, items: list[Encoded], pad_id: int, batch_size: int, device=None,
+                    progress: bool = False) -> float:
     """Label-token loss over ``items`` (eval mode: merged LoRA, no dropout), on ``device``
     (default: the model's)."""
     from lmlab.devices import model_device
+    from lmlab.progress import bar
 
     device = device or model_device(model)
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     order = sorted(range(len(items)), key=lambda i: len(items[i]))
-    for start in range(0, len(order), batch_size):
+    for start in bar(range(0, len(order), batch_size), enabled=progress, desc="scoring", unit="batch"):
         batch = left_pad_batch([items[i] for i in order[start:start + batch_size]], pad_id, device=device)
         loss, n = label_loss(model, *batch)
         total, count = total + loss.float() * n, count + n

@@ -4,6 +4,9 @@ Full fine-tuning stores a whole model per task; fine-tuning only some weight mat
 those; LoRA of rank r stores r·(d_in + d_out) numbers per adapted matrix. The shared base can be
 counted once or left out. GPT-3 175B with r = 4 on W_q and W_v: 2 · 96 · 4 · (12288 + 12288) =
 18,874,368 parameters, 37.7 MB in fp16 against 350 GB per fully fine-tuned copy.
+
+The matrices' shapes are ``lmlab.calc.params``'s, the ones ``lmlab params`` checks against real
+modules: under grouped-query attention W_k and W_v are d x d_kv (SmolLM2-135M: 576 x 192).
 """
 
 from __future__ import annotations
@@ -11,49 +14,54 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from lmlab.calc.params import SHAPE_PRESETS, lora_count, model_config, target_shape
 from lmlab.errors import LmlabError
+from lmlab.models import PRESETS, ModelSpec, build_model, model_spec
+
+# The papers' round totals where they differ from the modules' count (GPT-3: 174.6e9 counted;
+# Hu et al.'s 350 GB per copy is 175e9 * 2 bytes).
+_STATED_PARAMS = {"gpt3-175b": 175e9}
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelShape:
-    """What the calculator needs of a transformer: width, depth, feed-forward width, parameters."""
+    """What the calculator needs of a transformer: one block's shapes (the ``ModelSpec`` that
+    ``lmlab params`` counts with), its total parameters and bytes per parameter."""
 
-    d_model: int
-    layers: int
+    spec: ModelSpec
     params: float  # total parameters (all of them, embeddings included)
-    d_ff: int | None = None  # default 4 d_model
     bytes_per_param: float = 2.0  # fp16 / bf16 checkpoints
 
     @property
-    def ff(self) -> int:
-        return self.d_ff or 4 * self.d_model
+    def layers(self) -> int:
+        return self.spec.layers
 
     def matrix_shape(self, name: str) -> tuple[int, int]:
-        """(d_in, d_out) of one weight matrix per layer: q, k, v, o (attention) or fc1, fc2 (MLP)."""
-        if name in ("q", "k", "v", "o"):
-            return self.d_model, self.d_model
-        if name == "fc1":
-            return self.d_model, self.ff
-        if name == "fc2":
-            return self.ff, self.d_model
-        raise LmlabError(f"unknown matrix {name!r}; choose from q, k, v, o, fc1, fc2")
+        """(d_in, d_out) of one weight matrix per layer: a short name (q, k, v, o, fc1, fc2 or
+        gate, up, down) or a module name (c_attn, q_proj, ...), as ``lmlab.calc.params`` resolves it."""
+        return target_shape(self.spec, name)
 
 
-PRESETS = {
-    "gpt3-175b": ModelShape(d_model=12288, layers=96, params=175e9),
-    "gpt2": ModelShape(d_model=768, layers=12, params=124_439_808, bytes_per_param=4.0),
-    "gpt2-medium": ModelShape(d_model=1024, layers=24, params=354_823_168, bytes_per_param=4.0),
-    "gpt2-large": ModelShape(d_model=1280, layers=36, params=774_030_080, bytes_per_param=4.0),
-    "gpt2-xl": ModelShape(d_model=1600, layers=48, params=1_557_611_200, bytes_per_param=4.0),
-    "smollm2-135m": ModelShape(d_model=576, layers=30, params=134_515_008, d_ff=1536, bytes_per_param=4.0),
-    "llama-7b": ModelShape(d_model=4096, layers=32, params=6.74e9, d_ff=11008),
-}
+def model_shape(name: str) -> ModelShape:
+    """The shape of what ``lmlab params --model`` takes: a preset, the embedded model, a folder or a
+    hub id, built on the meta device (no weights) and counted. The shape presets (``gpt3-175b``,
+    ``llama-7b``) are fp16 checkpoints; the rest are counted in fp32, as lmlab trains them."""
+    from pathlib import Path
+
+    from lmlab import peft  # torch
+
+    if name not in SHAPE_PRESETS and name not in PRESETS and "/" not in name and not Path(name).is_dir():
+        raise LmlabError(f"unknown preset {name!r}; choose one of {', '.join((*SHAPE_PRESETS, *PRESETS))}, "
+                         "a folder or a hub id (owner/name)")
+    config = model_config(name)
+    total = _STATED_PARAMS.get(name) or peft.count_parameters(build_model(config, device="meta"))[1]
+    return ModelShape(spec=model_spec(config), params=total, bytes_per_param=2.0 if name in SHAPE_PRESETS else 4.0)
 
 
 def parse_matrices(text: str) -> tuple[str, ...]:
     names = tuple(m.strip() for m in text.split(",") if m.strip())
     if not names:
-        raise LmlabError("--matrices needs at least one of q, k, v, o, fc1, fc2")
+        raise LmlabError("--target needs at least one matrix, e.g. q,v")
     return names
 
 
@@ -63,10 +71,9 @@ def matrix_params(shape: ModelShape, matrices: tuple[str, ...]) -> int:
 
 
 def lora_params(shape: ModelShape, matrices: tuple[str, ...], rank: int) -> int:
-    """LoRA's A and B for the chosen matrices over all layers: r (d_in + d_out) each."""
-    if rank <= 0:
-        raise LmlabError(f"rank must be positive, got {rank}")
-    return shape.layers * sum(rank * (a + b) for a, b in map(shape.matrix_shape, matrices))
+    """LoRA's A and B for the chosen matrices over all layers: r (d_in + d_out) each (``lmlab params``'s
+    closed form)."""
+    return lora_count(shape.spec, rank, matrices)
 
 
 def storage(shape: ModelShape, tasks: int, matrices: tuple[str, ...], rank: int) -> dict:

@@ -11,27 +11,77 @@ from collections.abc import Sequence
 from lmlab.errors import LmlabError
 from lmlab.models import ModelSpec
 
+# Architectures with no config lmlab can load, as transformers config fields (so ``params`` builds
+# them on the meta device and ``memory`` reads the same shapes as for any other model).
+SHAPE_PRESETS = {
+    # Brown et al. 2020, Table 2.1: 96 layers, d = 12288, 96 heads, context 2048, GPT-2's tokenizer
+    "gpt3-175b": ("gpt2", {"n_embd": 12288, "n_layer": 96, "n_head": 96, "n_positions": 2048}),
+    # Touvron et al. 2023, Table 2: d = 4096, 32 layers, 32 heads (no GQA), SwiGLU width 11008, untied head
+    "llama-7b": ("llama", {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                           "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+                           "tie_word_embeddings": False}),
+}
+
+
+def model_config(name_or_path: str):
+    """The transformers config of a shape preset above, else ``lmlab.models.model_config``'s (a
+    built-in preset, the embedded model, a folder or a hub id)."""
+    if name_or_path in SHAPE_PRESETS:
+        from transformers import GPT2Config, LlamaConfig
+
+        family, fields = SHAPE_PRESETS[name_or_path]
+        return (GPT2Config if family == "gpt2" else LlamaConfig)(**fields)
+    from lmlab.models import model_config as from_models
+
+    return from_models(name_or_path)
+
+
+def matrix_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of every weight matrix in one block by short name: attention q, k, v, o, then
+    the MLP's fc1, fc2 (GPT-2) or gate, up, down (Llama). Under grouped-query attention k and v are
+    d x d_kv (SmolLM2-135M: 576 x 192)."""
+    d, ff, kv = spec.hidden, spec.ff, spec.kv_dim
+    attn = {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d)}
+    if spec.family == "gpt2":
+        return {**attn, "fc1": (d, ff), "fc2": (ff, d)}
+    return {**attn, "gate": (d, ff), "up": (d, ff), "down": (ff, d)}
+
+
+# The block's linear modules and the matrices each holds (GPT-2's c_attn is q, k, v side by side).
+_MODULES = {
+    "gpt2": {"c_attn": ("q", "k", "v"), "attn.c_proj": ("o",), "c_fc": ("fc1",), "mlp.c_proj": ("fc2",)},
+    "llama": {"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "o_proj": ("o",), "gate_proj": ("gate",),
+              "up_proj": ("up",), "down_proj": ("down",)},
+}
+
 
 def projection_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
     """(d_in, d_out) of every linear projection in one block, by module name."""
-    d, ff, kv = spec.hidden, spec.ff, spec.kv_dim
-    if spec.family == "gpt2":
-        return {"c_attn": (d, 3 * d), "attn.c_proj": (d, d), "c_fc": (d, ff), "mlp.c_proj": (ff, d)}
-    return {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
-            "gate_proj": (d, ff), "up_proj": (d, ff), "down_proj": (ff, d)}
+    m = matrix_shapes(spec)
+    return {name: (m[parts[0]][0], sum(m[p][1] for p in parts)) for name, parts in _MODULES[spec.family].items()}
+
+
+def target_shape(spec: ModelSpec, target: str) -> tuple[int, int]:
+    """(d_in, d_out) of one target: a module name as peft matches it (``c_attn``, ``q_proj``,
+    ``mlp.c_proj``) or a matrix's short name (``q``, ``v``, ``fc1``; a slice of ``c_attn`` in GPT-2)."""
+    shapes = projection_shapes(spec)
+    matches = [s for name, s in shapes.items() if name == target or name.endswith("." + target)
+               or target.endswith(name)]
+    if len(matches) == 1:
+        return matches[0]
+    short = matrix_shapes(spec)
+    if target in short:
+        return short[target]
+    raise LmlabError(f"unknown matrix {target!r} of a {spec.family} block; choose from {', '.join(short)} "
+                     f"or the modules {', '.join(shapes)}")
 
 
 def lora_count(spec: ModelSpec, r: int, targets: Sequence[str] | None = None) -> int:
     """r * (d_in + d_out) per targeted projection per layer (A is r x d_in, B is d_out x r)."""
-    shapes = projection_shapes(spec)
-    total = 0
-    for t in targets or spec.qkv:
-        matches = [s for name, s in shapes.items() if name == t or name.endswith("." + t) or t.endswith(name)]
-        if len(matches) != 1:
-            raise LmlabError(f"closed form: target {t!r} is not one projection of a {spec.family} block")
-        d_in, d_out = matches[0]
-        total += r * (d_in + d_out)
-    return spec.layers * total
+    if r <= 0:
+        raise LmlabError(f"rank must be positive, got {r}")
+    shapes = [target_shape(spec, t) for t in targets or spec.qkv]
+    return spec.layers * sum(r * (d_in + d_out) for d_in, d_out in shapes)
 
 
 def adapter_count(spec: ModelSpec, m: int, train_layer_norms: bool = False) -> int:
@@ -101,9 +151,10 @@ def closed_form(spec: ModelSpec, method: str, config, total_base: int) -> int:
 
 def report(model_name: str, method: str, config) -> dict:
     """Trainable/total counts from real modules built on the meta device (no weights), with the
-    closed form beside them. ``model_name`` is a preset, the embedded model, a folder or a hub id."""
+    closed form beside them. ``model_name`` is a preset (``SHAPE_PRESETS`` included), the embedded
+    model, a folder or a hub id."""
     from lmlab import peft
-    from lmlab.models import build_model, model_config, model_spec
+    from lmlab.models import build_model, model_spec
 
     hf_config = model_config(model_name)
     model = build_model(hf_config, device="meta")

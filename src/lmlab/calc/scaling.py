@@ -135,6 +135,53 @@ def optimal_epochs(c: float, d: float, fit: ChinchillaFit = ChinchillaFit(), poi
     return {"extra_epochs": x, "params": n, "effective_tokens": effective_tokens(d, x), "loss": objective(x)}
 
 
+def simple_split(n: float, d: float, x: float, y: float, flops_per_param_token: float = 6.0,
+                 rel_tol: float = 0.01) -> dict:
+    """Is (N, D) compute-optimal under the simple law N* = C^x, C = k N D (k = 6 for 6ND, 1 for ND)?
+
+    The law fixes N* = C^x; the budget fixes D* = C / (k N*), which is C^y when k = 1 and x + y = 1 (and
+    ∝ C^y otherwise). The pair is optimal when N is within ``rel_tol`` of N*. Keeping D, the N that makes
+    it optimal solves N = (k N D)^x, so N = (k D)^(x/(1−x)); keeping N, the D solves the same equation
+    for D: D = N^((1−x)/x) / k. With k = 1 these are D^(x/y) and N^(y/x)."""
+    _positive(params=n, tokens=d, flops_per_param_token=flops_per_param_token)
+    if not (0 < x < 1 and 0 < y < 1) or abs(x + y - 1) > 1e-6:
+        raise LmlabError(f"split exponents must be in (0, 1) and add up to 1 (N·D ∝ C), got {x}, {y}")
+    k = flops_per_param_token
+    c = k * n * d
+    n_opt = c**x
+    return {"compute": c, "optimal_params": n_opt, "optimal_tokens": c / (k * n_opt), "params_ratio": n / n_opt,
+            "optimal": abs(n / n_opt - 1) <= rel_tol, "params_for_tokens": (k * d) ** (x / (1 - x)),
+            "tokens_for_params": n ** ((1 - x) / x) / k}
+
+
+def loss_change(n: float, d: float, change: float, params_scale: float = 1.0,
+                fit: ChinchillaFit = ChinchillaFit()) -> dict:
+    """A run of N parameters on D unique tokens (one pass) and a loss target L' = (1 + change) L(N, D).
+
+    With a model of s N parameters (s = ``params_scale``, 1 by default) and the unique data fixed at D:
+    the loss that model reaches on one pass and its relative change; the fresh tokens it would need for
+    L' (solving B/D'^β = L' − E − A/(sN)^α); the model size that reaches L' on one pass over D (solving
+    A/N'^α = L' − E − B/D^β); and the extra epochs over D that reach L' (``extra_epochs_for_loss``).
+    An unreachable answer is None, with the reason under ``*_unreachable``."""
+    _positive(params=n, tokens=d, params_scale=params_scale)
+    if not (math.isfinite(change) and change > -1):
+        raise LmlabError(f"the loss change must be a number above -100%, got {change!r}")
+    current, scaled = loss(n, d, fit), params_scale * n
+    target = (1 + change) * current
+    at_scaled = loss(scaled, d, fit)
+    out = {"loss": current, "target_loss": target, "params": scaled, "loss_at_params": at_scaled,
+           "loss_change_at_params": at_scaled / current - 1}
+    room_d = target - fit.E - fit.A / scaled**fit.alpha
+    out["tokens_for_target"] = (fit.B / room_d) ** (1 / fit.beta) if room_d > 0 else None
+    room_n = target - fit.E - fit.B / d**fit.beta
+    out["params_for_target"] = (fit.A / room_n) ** (1 / fit.alpha) if room_n > 0 else None
+    try:
+        out["repeat"] = extra_epochs_for_loss(scaled, d, target, fit)
+    except LmlabError as exc:
+        out["repeat"], out["repeat_unreachable"] = None, str(exc)
+    return out
+
+
 def plot(path, fit: ChinchillaFit = ChinchillaFit(), losses=(2.0, 2.1, 2.2, 2.4, 2.7, 3.0)) -> None:
     """Iso-loss curves in the (N, D) plane, log-log, and the compute-optimal frontier (N_opt(C), D_opt(C))."""
     import matplotlib

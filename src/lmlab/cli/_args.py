@@ -9,6 +9,89 @@ import math
 DEFAULT_MODEL = "smollm2-135m-instruct"  # lmlab.models.DEFAULT_MODEL, without importing torch
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that states every option's default: argparse's ``ArgumentDefaultsHelpFormatter``, except
+    where the help already says it, or the default is None / False (no value to show)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default in (None, False, argparse.SUPPRESS) or "%(default)" in text or "default" in text
+                or not action.option_strings or isinstance(default, bool) and default is True):
+            return text
+        if text.endswith(f"({default})") or text.endswith(f"({default!r})"):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+# One text per common option, so one name means one thing in every command (used where a command
+# gives no help of its own; the formatter adds the command's default).
+COMMON_HELP = {
+    "json": "print the result as one JSON object on stdout",
+    "no_progress": "no progress bar (bars are drawn only when stderr is a terminal)",
+    "seed": "random seed",
+    "model": "embedded name, preset, local folder or hub id",
+    "method": "adaptation method",
+    "out_dir": "folder for the run's checkpoints, metrics and plots",
+    "resume": "continue the run in --out-dir from its last checkpoint, with its recorded settings",
+    "report_to": "also log metrics to this tracker",
+    "epochs": "passes over the training data (--max-iters overrides)",
+    "max_iters": "optimizer steps (overrides --epochs)",
+    "grad_accum": "micro-batches per optimizer step",
+    "eval_interval": "optimizer steps between validation passes",
+    "max_length": "longest example in tokens",
+    "batch_size": "examples per batch",
+    "max_new_tokens": "most tokens generated per text",
+    "split": "data split to evaluate",
+    "overwrite": "replace existing outputs instead of refusing",
+}
+
+
+def fill_help(parser: argparse.ArgumentParser) -> None:
+    """Give every option of ``parser`` and its subcommands without help text the common one."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                fill_help(sub)
+        elif action.option_strings and action.help is None and action.dest in COMMON_HELP:
+            action.help = COMMON_HELP[action.dest]
+
+
+class Parser(argparse.ArgumentParser):
+    """``lmlab``'s parsers: a usage error is one line naming what was wrong, plus where help is
+    (argparse would print the whole usage block first), and every option's help shows its default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and not any(isinstance(a, argparse._SubParsersAction) for a in self._actions):
+            # A leaf command reports its own leftovers, so the hint names it rather than `lmlab`.
+            self.error(f"unrecognized arguments: {' '.join(extras)}{self._suggestion(extras)}")
+        return namespace, extras
+
+    def _suggestion(self, extras: list[str]) -> str:
+        import difflib
+
+        unknown = next((a.split("=")[0] for a in extras if a.startswith("--")), None)
+        close = difflib.get_close_matches(unknown, list(self._option_string_actions), n=1) if unknown else []
+        return f" (did you mean {close[0]}?)" if close else ""
+
+    def error(self, message: str):
+        import difflib
+        import re
+
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            options = re.findall(r"'([^']*)'", choice.group(2))
+            close = difflib.get_close_matches(choice.group(1), options, n=1)
+            message = f"invalid choice: {choice.group(1)!r}" + (f" (did you mean {close[0]}?)" if close else
+                                                               f" (choose from {', '.join(options)})")
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def _number(kind, text: str, minimum: float | None, strict: bool, what: str):
     try:
         value = kind(text)
@@ -77,6 +160,28 @@ def sampling_config(args: argparse.Namespace):
                           seed=args.seed, batch_size=args.batch_size, chat=args.chat)
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model and --run: the one way every generating command names a base model or a checkpoint."""
+    p.add_argument("--model", default=None,
+                   help=f"base model: embedded name, preset, local folder or hub id (default: the run's, "
+                        f"else {DEFAULT_MODEL})")
+    p.add_argument("--run", "--adapter", dest="run", metavar="RUN", default=None,
+                   help="a folder finetune or dpo wrote: RUN means RUN/best (RUN/last for the last step)")
+
+
+def load_model_or_run(args: argparse.Namespace, device, dtype, run: str | None = None):
+    """(model, tokenizer, run_info) of ``--run`` (or ``run``) on ``--model``, else of the base model."""
+    run = run if run is not None else getattr(args, "run", None)
+    if run:
+        from lmlab.train import load_checkpoint
+
+        return load_checkpoint(run, args.model, device=device, dtype=dtype)
+    from lmlab.models import load_model
+
+    model, tokenizer = load_model(args.model or DEFAULT_MODEL, device=device, dtype=dtype)
+    return model, tokenizer, {}
+
+
 def add_device_args(p: argparse.ArgumentParser, training: bool = False) -> None:
     """--device and --dtype (every command that runs a model); with ``training``, also gradient
     checkpointing, gradient clipping and 4/8-bit loading (QLoRA)."""
@@ -105,3 +210,16 @@ def placement(args: argparse.Namespace):
 
     device = select_device(args.device)
     return device, select_dtype(args.dtype, device)
+
+
+def refuse_existing(paths, overwrite: bool, flag: str = "--output") -> None:
+    """Every command's one policy for outputs: an existing file is replaced only with --overwrite
+    (runs resume instead); one line, before any work, otherwise."""
+    from pathlib import Path
+
+    from lmlab.errors import LmlabError
+
+    existing = [str(p) for p in paths if p is not None and Path(p).exists()]
+    if existing and not overwrite:
+        raise LmlabError(f"{flag}: {', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
+                         "give --overwrite to replace")

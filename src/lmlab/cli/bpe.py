@@ -6,13 +6,14 @@ import argparse
 import json
 import time
 
-from lmlab.cli._args import positive_int, print_json
+from lmlab.cli._args import positive_int, print_json, refuse_existing
 from lmlab.errors import LmlabError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lmlab import bpe
 
+    refuse_existing([args.output], args.overwrite)
     text = bpe.read_corpus(args.corpus)
     t0 = time.perf_counter()
     tok = bpe.train(text, args.vocab_size, progress=not args.no_progress)
@@ -64,6 +65,7 @@ def register(sub) -> None:
     t.add_argument("corpus", help="a UTF-8 text file")
     t.add_argument("--vocab-size", type=positive_int, required=True, help="256 bytes + the number of merges")
     t.add_argument("--output", required=True, help="folder for merges.json, vocab.json and tokenizer.json")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_train)
@@ -71,7 +73,7 @@ def register(sub) -> None:
         e = bsub.add_parser(name, help=f"{name} with a trained tokenizer folder")
         e.add_argument("--tokenizer", required=True, help="the folder bpe train wrote")
         if name == "encode":
-            e.add_argument("--text", default=None)
+            e.add_argument("--text", default=None, help="the text to encode (or --input FILE)")
             e.add_argument("--input", default=None, help="a UTF-8 text file")
         else:
             e.add_argument("ids", help="token ids, separated by spaces or commas")

@@ -21,12 +21,9 @@ def _check_same_vocabulary(tokenizer, ref_tokenizer, name: str, ref_name: str) -
 
 
 def cmd_dpo(args: argparse.Namespace) -> int:
-    from lmlab import devices, peft
-    from lmlab.cli import method_config
-    from lmlab.dpo import DpoConfig, encode_pairs, read_pairs, split_pairs, train_dpo
-    from lmlab.engine import TrainConfig, check_out_dir
-    from lmlab.finetune import load_for_training
-    from lmlab.models import load_model, load_tokenizer
+    from lmlab.checkpoint import run_dir
+    from lmlab.dpo import DpoConfig
+    from lmlab.engine import TrainConfig
 
     if args.load_in_4bit and args.load_in_8bit:
         raise LmlabError("choose one of --load-in-4bit and --load-in-8bit")
@@ -37,7 +34,34 @@ def cmd_dpo(args: argparse.Namespace) -> int:
                       max_grad_norm=args.max_grad_norm, device=args.device, dtype=args.dtype,
                       gradient_checkpointing=args.gradient_checkpointing)
     config = DpoConfig(beta=args.beta, max_length=args.max_length)
-    check_out_dir(cfg)
+    with run_dir(cfg):  # an input error below leaves no empty --out-dir
+        result, held_out = _train(args, cfg, config, bits)
+    from lmlab.engine import is_main_process
+
+    if not is_main_process():  # under accelerate launch / torchrun, one process reports
+        return 0
+    if args.json:
+        print(json.dumps(result))
+    else:
+        from lmlab.evaluate import format_accuracy
+
+        final = result["final"]
+        margin, accuracy = final.get("val_margin"), final.get("val_accuracy")
+        print(f"done: {result['steps']} steps in {result['seconds']:.0f} s; validation reward margin "
+              f"{float('nan') if margin is None else margin:.3f}, preference accuracy "
+              f"{'n/a' if accuracy is None else format_accuracy(round(accuracy * held_out), held_out)}; "
+              f"curves in {result['out_dir']}/dpo.png")
+    return 0
+
+
+def _train(args: argparse.Namespace, cfg, config, bits):
+    """(the engine's result, held-out pairs) of the DPO run ``args`` describe."""
+    from lmlab import devices, peft
+    from lmlab.cli import method_config
+    from lmlab.dpo import encode_pairs, read_pairs, split_pairs, train_dpo
+    from lmlab.finetune import load_for_training
+    from lmlab.models import load_model, load_tokenizer
+
     train_rows, val_rows = split_pairs(read_pairs(args.data), args.val_fraction)  # bad data fails before loading
     method = method_config(args)
     model, tokenizer = load_for_training(args.model, method, cfg, bits)
@@ -56,20 +80,7 @@ def cmd_dpo(args: argparse.Namespace) -> int:
               f"train; {len(train_pairs)} pairs, {len(val_pairs)} held out", file=sys.stderr, flush=True)
     run_info = {"model": args.model, "ref_model": args.ref_model, "task": "dpo", "data": args.data, "method": args.method,
                 "trainable": trainable, "total": total, "bits": bits}
-    result = train_dpo(model, tokenizer, method, train_pairs, val_pairs, config, cfg, run_info, reference)
-    from lmlab.engine import is_main_process
-
-    if not is_main_process():  # under accelerate launch / torchrun, one process reports
-        return 0
-    if args.json:
-        print(json.dumps(result))
-    else:
-        final = result["final"]
-        margin, accuracy = final.get("val_margin"), final.get("val_accuracy")
-        print(f"done: {result['steps']} steps in {result['seconds']:.0f} s; validation reward margin "
-              f"{float('nan') if margin is None else margin:.3f}, preference accuracy "
-              f"{float('nan') if accuracy is None else accuracy:.2%}; curves in {result['out_dir']}/dpo.png")
-    return 0
+    return train_dpo(model, tokenizer, method, train_pairs, val_pairs, config, cfg, run_info, reference), len(val_pairs)
 
 
 def register(sub) -> None:
@@ -81,7 +92,7 @@ def register(sub) -> None:
     p.add_argument("--ref-model", default=None,
                    help="another reference policy (same vocabulary); default: the model itself before training "
                         "(with LoRA: adapters disabled, no second copy)")
-    add_method_args(p, rank=16, alpha=32.0)
+    add_method_args(p)
     p.add_argument("--beta", type=positive_float, default=0.1, help="strength of the KL anchor to the reference (0.1)")
     p.add_argument("--lr", type=positive_float, default=5e-5, help="peak learning rate (5e-5)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="pairs per step")

@@ -7,11 +7,13 @@ import time
 from pathlib import Path
 
 from lmlab.cli._args import (
-    DEFAULT_MODEL,
     add_device_args,
+    add_model_args,
     add_sampling_args,
+    load_model_or_run,
     placement,
     print_json,
+    refuse_existing,
     sampling_config,
 )
 from lmlab.errors import LmlabError
@@ -20,23 +22,19 @@ from lmlab.errors import LmlabError
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmlab.generate import sample
     from lmlab.io import read_texts, write_jsonl, write_text
-    from lmlab.models import load_model
     from lmlab.sft import summary_prompt
-    from lmlab.train import load_checkpoint
 
     suffix = Path(args.output).suffix.lower()
     if suffix not in (".jsonl", ".txt"):
         raise LmlabError(f"--output must end in .jsonl or .txt, got {args.output!r}")
+    refuse_existing([args.output], args.overwrite)
     device, dtype = placement(args)
     field = "post" if args.tldr else "prompt"
     prompts = read_texts(args.prompts, field=field)
     if args.tldr:
         prompts = [summary_prompt(p) for p in prompts]
     config = sampling_config(args)
-    if args.adapter:
-        model, tokenizer, _ = load_checkpoint(args.adapter, args.model, device=device, dtype=dtype)
-    else:
-        model, tokenizer = load_model(args.model or DEFAULT_MODEL, device=device, dtype=dtype)
+    model, tokenizer, _ = load_model_or_run(args, device, dtype)
     t0 = time.perf_counter()
     outputs = sample(model, tokenizer, prompts, config, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
@@ -57,14 +55,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="sample continuations of prompts from a model or a finetune checkpoint")
-    p.add_argument("--model", default=None, help=f"base model (default: the checkpoint's, else {DEFAULT_MODEL})")
-    p.add_argument("--adapter", default=None, help="a folder finetune wrote (RUN, RUN/best or RUN/last)")
+    add_model_args(p)
     p.add_argument("--prompts", required=True,
                    help="prompts: .txt (one per line), .json list, .jsonl with a 'prompt' field ('post' with --tldr)")
     p.add_argument("--tldr", action="store_true",
                    help="summarization: read the 'post' field and prompt with '<post>\\nTL;DR:' as finetune does")
     p.add_argument("--output", required=True, help=".jsonl (prompt, sample, text) or .txt (one sample per line)")
     add_sampling_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--first-line", action="store_true", help="keep each sample's first line only (summaries)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-from lmlab.cli._args import add_device_args, positive_float, positive_int, print_json
+from lmlab.cli._args import add_device_args, positive_float, positive_int, print_json, refuse_existing
 from lmlab.errors import LmlabError
 
 
@@ -23,6 +23,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
     report = args.report or str(Path(args.output).with_suffix(".json"))
     if Path(report).resolve() == Path(args.output).resolve():
         raise LmlabError(f"--output {args.output} would be overwritten by the JSON report: give --report FILE")
+    refuse_existing([args.output, report], args.overwrite)
     config = InvertConfig(max_words=args.max_words, beam=args.beam, time_budget=args.time_budget, seed=args.seed)
     from lmlab.devices import select_device, select_dtype
 
@@ -58,9 +59,10 @@ def register(sub) -> None:
     p.add_argument("--output", required=True, help="guesses, one line per row")
     p.add_argument("--report", default=None, help="JSON with cosines and runner-up guesses (default: output .json)")
     p.add_argument("--time-budget", type=positive_float, default=60.0, help="seconds per target (60)")
-    p.add_argument("--max-words", type=positive_int, default=8)
-    p.add_argument("--beam", type=positive_int, default=8)
+    p.add_argument("--max-words", type=positive_int, default=8, help="longest guess in words")
+    p.add_argument("--beam", type=positive_int, default=8, help="beam width of the search")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output and --report")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     add_device_args(p)  # --dtype auto means fp32 here: cosines are compared to 1e-5

@@ -11,10 +11,13 @@ from pathlib import Path
 from lmlab.cli._args import (
     DEFAULT_MODEL,
     add_device_args,
+    add_model_args,
+    load_model_or_run,
     nonnegative_int,
     placement,
     positive_int,
     print_json,
+    refuse_existing,
 )
 from lmlab.errors import LmlabError
 
@@ -39,7 +42,8 @@ class _Parts:
 
     def __init__(self, args: argparse.Namespace, chat: bool, n: int, dtype: str):
         self.dir = Path(str(args.output) + ".parts")
-        self.key = {"model": args.model, "dataset": args.dataset, "split": args.split, "limit": args.limit, "n": n,
+        self.key = {"model": args.model or DEFAULT_MODEL, "run": args.run, "dataset": args.dataset,
+                    "split": args.split, "limit": args.limit, "n": n,
                     "shots": args.shots, "seed": args.seed, "chat": chat, "max_new_tokens": args.max_new_tokens,
                     "dtype": dtype}
 
@@ -69,7 +73,6 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     from lmlab.data import subsample
     from lmlab.devices import dtype_name
     from lmlab.io import write_jsonl
-    from lmlab.models import load_model
     from lmlab.prompting import (
         PromptConfig,
         exemplars,
@@ -79,16 +82,18 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     )
 
     strategies = _strategies(args.strategies)
+    refuse_existing([args.output], args.overwrite)  # an interrupted run resumes from OUTPUT.parts instead
     device, dtype = placement(args)
     test = subsample(load_problems(args.dataset, args.split), args.limit)
     needs_train = any(PromptConfig(strategy=s).uses_exemplars for s in strategies)
     train = load_problems(args.dataset, "train") if needs_train else []
     if needs_train:
         exemplars(train, args.shots, args.seed)  # too few training problems: fail before loading the model
-    model, tokenizer = load_model(args.model, device=device, dtype=dtype)
+    model, tokenizer, _ = load_model_or_run(args, device, dtype)
+    name = args.run or args.model or DEFAULT_MODEL
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if args.chat_template == "on" and not has_template:
-        raise LmlabError(f"{args.model} has no chat template; use --chat-template auto or off")
+        raise LmlabError(f"{name} has no chat template; use --chat-template auto or off")
     seq2seq = getattr(model.config, "is_encoder_decoder", False)
     chat = args.chat_template == "on" or (args.chat_template == "auto" and has_template and not seq2seq)
     parts = _Parts(args, chat, len(test), dtype_name(dtype)) if args.output else None
@@ -108,14 +113,14 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     if args.output:
         write_jsonl(args.output, [r for result in results for r in result.records])
         parts.clear()
-    summary = {"model": args.model, "dataset": args.dataset, "split": args.split, "n": len(test), "chat": chat,
+    summary = {"model": name, "dataset": args.dataset, "split": args.split, "n": len(test), "chat": chat,
                "device": str(device), "dtype": dtype_name(dtype), "shots": args.shots, "seed": args.seed,
                "max_new_tokens": args.max_new_tokens,
                "results": [r.summary() for r in results], "output": args.output}
     if args.json:
         print_json(summary)
     else:
-        print(f"{args.model} on {args.dataset} ({args.split}, {len(test)} problems), greedy, {device} "
+        print(f"{name} on {args.dataset} ({args.split}, {len(test)} problems), greedy, {device} "
               f"{dtype_name(dtype)}, chat template {'on' if chat else 'off'}, {args.shots} exemplars for few-shot/cot")
         print(format_table(results))
         if args.output:
@@ -129,12 +134,13 @@ def register(sub) -> None:
                        description="Accuracy of prompting strategies on GSM8K-style problems, greedy decoding; "
                                    "the answer is read after '####', '\\boxed{', 'The answer is', else as the "
                                    "last number (unparseable counts as wrong).")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="causal LM or seq2seq (T5) model")
+    add_model_args(p)
     p.add_argument("--dataset", default=DEFAULT_DATASET,
                    help="hub name (gsm8k) or a folder with train/test .jsonl of {question, answer ending '#### n'}")
     p.add_argument("--split", default="test", help="split to score (test)")
     p.add_argument("--strategies", default="zero-shot,instruction,few-shot,cot,zero-shot-cot",
-                   help="comma-separated (all five)")
+                   help="comma-separated, from zero-shot, instruction, few-shot, cot (chain of thought) and "
+                        "zero-shot-cot (default: all five)")
     p.add_argument("--shots", type=nonnegative_int, default=8, help="exemplars for few-shot and cot (8)")
     p.add_argument("--seed", type=int, default=0, help="which exemplars are drawn from train (0)")
     p.add_argument("--limit", type=positive_int, default=None, help="N problems drawn with a fixed seed")
@@ -143,6 +149,7 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--output", default=None, help="every prompt, generation and extracted answer as .jsonl")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_device_args(p)

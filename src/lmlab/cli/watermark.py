@@ -10,12 +10,15 @@ from pathlib import Path
 from lmlab.cli._args import (
     DEFAULT_MODEL,
     add_device_args,
+    add_model_args,
     add_sampling_args,
+    load_model_or_run,
     nonnegative_float,
     nonnegative_int,
     placement,
     positive_float,
     print_json,
+    refuse_existing,
     sampling_config,
 )
 from lmlab.errors import LmlabError
@@ -23,32 +26,35 @@ from lmlab.errors import LmlabError
 SCHEME_CHOICES = ("none", "no-e", "hard", "soft")
 
 
-def _redlist_args(p: argparse.ArgumentParser) -> None:
+def _redlist_args(p: argparse.ArgumentParser, delta: bool = False) -> None:
     g = p.add_argument_group("red list (defaults: the reference implementation's simple_1 / LeftHash)")
     g.add_argument("--gamma", type=positive_float, default=0.25, help="green share of the vocabulary (0.25)")
-    g.add_argument("--delta", type=nonnegative_float, default=2.0, help="soft scheme: penalty of red logits (2.0)")
+    if delta:  # only generation adds it; detection counts green tokens whatever the penalty was
+        g.add_argument("--delta", type=nonnegative_float, default=2.0, help="soft scheme: penalty of red logits (2.0)")
     g.add_argument("--key", type=nonnegative_int, default=15485863, help="hash key (15485863)")
 
 
 def _redlist(args, tokenizer):
     from lmlab.watermark import RedListConfig
 
-    return RedListConfig(vocab_size=len(tokenizer), gamma=args.gamma, delta=args.delta, key=args.key)
+    if "delta" in args:
+        return RedListConfig(vocab_size=len(tokenizer), gamma=args.gamma, delta=args.delta, key=args.key)
+    return RedListConfig(vocab_size=len(tokenizer), gamma=args.gamma, key=args.key)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmlab.generate import sample
     from lmlab.io import read_texts, save_npy, write_jsonl
-    from lmlab.models import load_model
     from lmlab.watermark import make_processor
 
     suffix = Path(args.output).suffix.lower()
     if suffix not in (".jsonl", ".npy"):
         raise LmlabError(f"--output must end in .jsonl or .npy, got {args.output!r}")
+    refuse_existing([args.output], args.overwrite)
     device, dtype = placement(args)
     prompts = read_texts(args.prompts, field="prompt")
     config = sampling_config(args)
-    model, tokenizer = load_model(args.model, device=device, dtype=dtype)
+    model, tokenizer, _ = load_model_or_run(args, device, dtype)
     processor = make_processor(args.scheme, tokenizer, _redlist(args, tokenizer))
     t0 = time.perf_counter()
     outputs = sample(model, tokenizer, prompts, config, logits_processors=[processor] if processor else [],
@@ -113,6 +119,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         report = args.report or str(Path(args.output).with_suffix(".scores.json"))
     if Path(report).resolve() == Path(args.input).resolve():
         raise LmlabError(f"--report {report} would overwrite the input")
+    refuse_existing([args.output, report], args.overwrite)
     counts = {name: sum(d.code == code for d in decisions) for code, name in NAMES.items()}
     write_json(report, {"codes": NAMES, "counts": counts, "texts": [d.to_dict() for d in decisions]})
     save_npy(args.output, [d.code for d in decisions])
@@ -129,15 +136,18 @@ def register(sub) -> None:
     wsub = p.add_subparsers(dest="watermark_command", required=True, metavar="ACTION")
 
     g = wsub.add_parser("generate", help="sample continuations of prompts under a watermark scheme")
-    g.add_argument("--scheme", required=True, choices=SCHEME_CHOICES)
+    g.add_argument("--scheme", required=True, choices=SCHEME_CHOICES,
+                   help="none (plain sampling), no-e (never an 'e'), hard (red tokens banned) or soft (red "
+                        "logits lowered by --delta)")
     g.add_argument("--prompts", required=True,
                    help="prompts: .txt (one per line), .json list, .jsonl with a 'prompt' field, or .npy")
     g.add_argument("--output", required=True, help=".jsonl (prompt, sample, scheme, text) or .npy of strings")
-    g.add_argument("--model", default=DEFAULT_MODEL)
+    add_model_args(g)
     add_sampling_args(g)
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--json", action="store_true")
-    _redlist_args(g)
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    _redlist_args(g, delta=True)
     add_device_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -148,7 +158,8 @@ def register(sub) -> None:
         d.add_argument("--input", required=True,
                        help="texts: .json list or {'texts': [...]}, .jsonl with 'text', .npy of strings, or .txt lines")
         d.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer (no weights are loaded)")
-        d.add_argument("--z-threshold", type=float, default=4.0)
+        d.add_argument("--z-threshold", type=float, default=4.0,
+                       help="z score from which a text counts as red-list watermarked")
         d.add_argument("--json", action="store_true")
         _redlist_args(d)
         if name == "classify":
@@ -158,4 +169,5 @@ def register(sub) -> None:
             d.add_argument("--hard-fraction", type=positive_float, default=0.9,
                            help="green share above which watermarked text is hard (0.9)")
             d.add_argument("--no-progress", action="store_true")
+            d.add_argument("--overwrite", action="store_true", help="replace an existing --output and --report")
         d.set_defaults(func=func)

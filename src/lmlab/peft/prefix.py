@@ -67,6 +67,17 @@ class PrefixEncoder(nn.Module):
     def clear(self) -> None:
         self._cache = None
 
+    def __deepcopy__(self, memo):
+        """A copy without the cached prefixes: they belong to the last forward's autograd graph,
+        which ``copy.deepcopy`` cannot copy (and the copy recomputes them from its own weights)."""
+        import copy
+
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        clone.__dict__.update({key: None if key == "_cache" else copy.deepcopy(value, memo)
+                               for key, value in self.__dict__.items()})
+        return clone
+
     def all_layers(self) -> torch.Tensor:
         """(layers, 2, kv_heads, l, head_dim); computed on first use within a forward."""
         if self._cache is None:

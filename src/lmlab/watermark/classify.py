@@ -96,10 +96,10 @@ def classify_text(text: str, tokenizer, lists: GreenLists, config: ClassifyConfi
 def classify_texts(texts: list[str], tokenizer, redlist: RedListConfig | None = None,
                    config: ClassifyConfig = ClassifyConfig(), progress: bool = False) -> list[Decision]:
     """``classify_text`` over many texts, sharing one green-list cache."""
-    from tqdm.auto import tqdm
+    from lmlab.progress import bar
 
     if not texts:
         raise LmlabError("no texts to classify")
     lists = GreenLists(redlist or RedListConfig(vocab_size=len(tokenizer)))
     return [classify_text(t, tokenizer, lists, config)
-            for t in tqdm(texts, disable=not progress, desc="classifying", unit="text", dynamic_ncols=True)]
+            for t in bar(texts, enabled=progress, desc="classifying", unit="text")]
