@@ -295,3 +295,27 @@ def test_warnings_are_printed_above_a_progress_bar(monkeypatch, capsys):
     assert seen["handler"] is cli._show_warning and warnings.showwarning is before
     err = capsys.readouterr().err
     assert "UserWarning: careful" in err and err.endswith("\n")
+
+
+def test_evaluate_sampled_decoding_is_reported_beside_greedy(tiny_model_dir, toy_dataset, capsys):
+    import random
+
+    import torch
+
+    argv = ["evaluate", "--model", tiny_model_dir, "--dataset", str(toy_dataset), "--limit", "6", "--json",
+            "--no-progress", "--decoding", "sample", "--temperature", "5", "--top-k", "0"]
+    torch.manual_seed(123)
+    random.seed(5)
+    state = torch.get_rng_state()
+    assert main(argv + ["--seed", "1"]) == 0
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is untouched
+    first = json.loads(capsys.readouterr().out)
+    assert main(argv + ["--seed", "1"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert first["sampled"] == {**again["sampled"], "seconds": first["sampled"]["seconds"],
+                                "examples_per_s": first["sampled"]["examples_per_s"]}  # same seed, same texts
+    assert first["sampled"]["temperature"] == 5 and first["n"] == first["sampled"]["n"] == 6
+    assert main(argv + ["--seed", "2"]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["sampled"]["generations"] != first["sampled"]["generations"]  # temperature 5 on a random model
+    assert other["generations"] == first["generations"]  # greedy beside it does not depend on the seed

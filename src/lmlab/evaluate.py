@@ -159,9 +159,12 @@ def _encode(tokenizer, fmt: TaskFormat, examples: list[Example], max_length: int
 
 def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Example], *, batch_size: int = 16,
                         max_new_tokens: int = 3, max_length: int = 256, progress: bool = True,
-                        shared_prefix: bool = True, stop_when_decided: bool = True) -> EvalResult:
-    """Greedy generation in length-sorted, left-padded batches with the KV cache; the new tokens
-    are decoded and parsed with ``parse_label``.
+                        shared_prefix: bool = True, stop_when_decided: bool = True, temperature: float = 0.0,
+                        top_k: int = 0, seed: int = 0) -> EvalResult:
+    """Generation in length-sorted, left-padded batches with the KV cache; the new tokens are
+    decoded and parsed with ``parse_label``. Greedy by default; ``temperature`` > 0 samples (with
+    ``top_k`` if > 0; the LoRA homework decodes with temperature 0.6, top-k 200), seeded by
+    ``seed`` on the model's device without touching the caller's random state.
 
     Left padding puts every prompt's last token in the last column, where generation continues;
     ``generate`` derives position ids from the attention mask, so a padded row generates what it
@@ -175,8 +178,13 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
     eos = model.generation_config.eos_token_id
     shared = shared_prefix_length([it.prompt_ids for it in items]) if shared_prefix else 0
     texts = [""] * len(items)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": 1.0} \
+        if temperature > 0 else {"do_sample": False}
+    device = model_device(model)
+    forked = [device] if device.type == "cuda" else []
     t0 = time.perf_counter()
-    with _inference(model):
+    with _inference(model), torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"):
+        torch.manual_seed(seed)
         prefix = prefix_cache(model, items[0].prompt_ids[:shared]) if shared else None
         for idx in _batches(items, batch_size, "generating", progress):
             ids, mask, _, _ = left_pad_batch([items[i] for i in idx], pad, with_completion=False,
@@ -185,7 +193,7 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
             stop = _stop_when_decided(tokenizer, fmt.label_words, ids.shape[1]) if stop_when_decided else None
             out = model.generate(input_ids=ids, attention_mask=mask, **cache_arg(model, cache),
                                  stopping_criteria=stop,
-                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+                                 max_new_tokens=max_new_tokens, **sampling, num_beams=1, pad_token_id=pad,
                                  eos_token_id=tokenizer.eos_token_id if eos is None else eos)
             for i, text in zip(idx, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
                 texts[i] = text

@@ -17,9 +17,12 @@ from lmlab.cli._args import (
     add_device_args,
     fill_help,
     load_model_or_run,
+    nonnegative_int,
     placement,
+    positive_float,
     refuse_existing,
 )
+from lmlab.cli._config import add_config_arg
 from lmlab.errors import Interrupted, LmlabError
 
 
@@ -188,8 +191,8 @@ def evaluate_options(args: argparse.Namespace) -> argparse.Namespace:
                 for name, default in defaults.items()}
     if task != "classification":  # a classification run's columns, template and words: task_format
         resolved["text_column"] = given["text_column"] or recorded.get("text_column")
-    if given["max_new_tokens"] is None:  # a label is a word or two; a summary a sentence
-        resolved["max_new_tokens"] = 40 if task == "summarization" else 3
+    if given["max_new_tokens"] is None:  # a label is a word or two (the homework samples 5); a summary a sentence
+        resolved["max_new_tokens"] = 40 if task == "summarization" else 5 if given.get("decoding") == "sample" else 3
     return argparse.Namespace(**{**given, **resolved, "task": task})
 
 
@@ -257,11 +260,10 @@ def _report_rouge(args: argparse.Namespace, result: dict, title: str | None = No
 
 
 def run_evaluate(args: argparse.Namespace):
-    """Classification as ``args`` say; returns (EvalResult, TaskFormat, dataset name)."""
+    """Classification as ``args`` say; returns (EvalResult, TaskFormat, dataset name, the sampled
+    EvalResult beside the greedy one under ``--decoding sample``, else None)."""
     from lmlab.data import DEFAULT_DATASET, load_splits, subsample
-    from lmlab.evaluate import evaluate_generation, evaluate_scoring
-
-    from lmlab.evaluate import run_record
+    from lmlab.evaluate import evaluate_generation, evaluate_scoring, run_record
 
     device, dtype = placement(args)
     run_info = run_record(args.checkpoint) if args.checkpoint else {}
@@ -272,11 +274,13 @@ def run_evaluate(args: argparse.Namespace):
     if args.scoring:
         result = evaluate_scoring(model, tokenizer, fmt, examples, batch_size=args.batch_size,
                                   max_length=args.max_length, progress=not args.no_progress)
-    else:
-        result = evaluate_generation(model, tokenizer, fmt, examples, batch_size=args.batch_size,
-                                     max_new_tokens=args.max_new_tokens, max_length=args.max_length,
-                                     progress=not args.no_progress, stop_when_decided=not args.full_text)
-    return result, fmt, dataset
+        return result, fmt, dataset, None
+    generation = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                      progress=not args.no_progress, stop_when_decided=not args.full_text)
+    result = evaluate_generation(model, tokenizer, fmt, examples, **generation)
+    sampled = evaluate_generation(model, tokenizer, fmt, examples, **generation, temperature=args.temperature,
+                                  top_k=args.top_k, seed=args.seed) if args.decoding == "sample" else None
+    return result, fmt, dataset, sampled
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -288,14 +292,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.predictions or args.references or args.output:
         raise LmlabError("--predictions, --references and --output are for --task summarization")
     args.split = args.split or "test"
-    result, fmt, dataset = run_evaluate(args)
+    if args.decoding == "sample" and args.scoring:
+        raise LmlabError("--decoding sample generates; --scoring compares label likelihoods without generating")
+    result, fmt, dataset, sampled = run_evaluate(args)
+    decoding = f"sampled (temperature {args.temperature:g}, top-k {args.top_k}, seed {args.seed})"
     if args.json:
         print(json.dumps({**result.to_dict(), "dataset": dataset, "split": args.split,
-                          "checkpoint": args.checkpoint, "mode": "scoring" if args.scoring else "generation"}))
+                          "checkpoint": args.checkpoint, "mode": "scoring" if args.scoring else "generation",
+                          **({"sampled": {**sampled.to_dict(), "temperature": args.temperature, "top_k": args.top_k,
+                                          "seed": args.seed}} if sampled else {})}))
     else:
         print(f"{dataset} / {args.split}, {'scoring' if args.scoring else 'generation'}, "
               f"{args.checkpoint or args.model or DEFAULT_MODEL}")
-        print(format_report(result, fmt.label_words))
+        print(("greedy\n" if sampled else "") + format_report(result, fmt.label_words))
+        if sampled:
+            print(f"{decoding}\n{format_report(sampled, fmt.label_words)}")
     return 0
 
 
@@ -388,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_args(p, training=True)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_config_arg(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="score a base model or a finetune run: classification accuracy from "
@@ -406,7 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare the label words' log-likelihoods in one forward pass instead of generating")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--max-new-tokens", type=_positive_int, default=None,
-                   help="most tokens generated per example (default: 3; summarization 40)")
+                   help="most tokens generated per example (default: 3; with --decoding sample 5; summarization 40)")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--decoding", default="greedy", choices=["greedy", "sample"],
+                   help="sample: also sample (--temperature, --top-k, --seed) and report it beside greedy, as the "
+                        "LoRA homework decodes (then --max-new-tokens defaults to 5)")
+    g.add_argument("--temperature", type=positive_float, default=0.6, help="--decoding sample: temperature")
+    g.add_argument("--top-k", type=nonnegative_int, default=200, help="--decoding sample: top-k, 0 = off")
+    g.add_argument("--seed", type=int, default=0, help="--decoding sample: random seed")
     p.add_argument("--full-text", action="store_true",
                    help="generate all --max-new-tokens even once every label is decided (same accuracy, "
                         "whole texts in --json)")
@@ -420,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="summarization: per-example ROUGE (and generated summaries) as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     add_device_args(p)
+    add_config_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sweep", help="a grid of finetune runs, then one table (Markdown + CSV) and one plot")
@@ -441,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list the runs, their folders and whether each is done, to resume or new; run nothing")
     p.add_argument("--json", action="store_true", help="print the table (with --dry-run: the runs) as JSON")
     add_device_args(p)
+    add_config_arg(p)
     p.set_defaults(func=cmd_sweep)
 
     _register_groups(sub)
@@ -461,7 +482,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
+    from lmlab.cli._config import apply_config
+
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        apply_config(parser, argv)
+    except LmlabError as exc:
+        print(f"lmlab: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:

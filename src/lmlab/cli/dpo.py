@@ -7,6 +7,7 @@ import json
 import sys
 
 from lmlab.cli._args import DEFAULT_MODEL, add_device_args, positive_float, positive_int
+from lmlab.cli._config import add_config_arg
 from lmlab.errors import LmlabError
 
 
@@ -79,7 +80,8 @@ def _train(args: argparse.Namespace, cfg, config, bits):
         print(f"lmlab: DPO ({args.method}, beta {args.beta}) on {args.model}: {trainable:,} of {total:,} parameters "
               f"train; {len(train_pairs)} pairs, {len(val_pairs)} held out", file=sys.stderr, flush=True)
     run_info = {"model": args.model, "ref_model": args.ref_model, "task": "dpo", "data": args.data, "method": args.method,
-                "trainable": trainable, "total": total, "bits": bits}
+                "trainable": trainable, "total": total, "bits": bits,
+                "options": {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}}
     return train_dpo(model, tokenizer, method, train_pairs, val_pairs, config, cfg, run_info, reference), len(val_pairs)
 
 
@@ -109,4 +111,5 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     add_device_args(p, training=True)
     p.add_argument("--json", action="store_true")
+    add_config_arg(p)
     p.set_defaults(func=cmd_dpo)

@@ -74,10 +74,10 @@ def vocabulary(encoder: TextEncoder, progress: bool = True) -> tuple[list[str], 
     path = cache_dir() / "invert" / f"{key.hexdigest()[:20]}.safetensors"
     if path.exists():
         return words, load_tensors(path)["embeddings"].to(encoder.device)
-    from tqdm.auto import tqdm
+    from lmlab.progress import bar
 
     chunks = []
-    for start in tqdm(range(0, len(words), 1024), disable=not progress, desc="encoding vocabulary", unit="k words"):
+    for start in bar(range(0, len(words), 1024), enabled=progress, desc="encoding vocabulary", unit="k words"):
         chunks.append(encoder.encode(words[start:start + 1024]))
     embeddings = torch.cat(chunks)
     save_tensors(path, {"embeddings": embeddings.cpu()})
@@ -290,11 +290,11 @@ def invert(targets: torch.Tensor, encoder: TextEncoder, config: InvertConfig = I
            progress: bool = True) -> list[Guess]:
     """One ``Guess`` per row of ``targets`` (unit vectors); the vocabulary is encoded once and cached.
     The targets, the vocabulary's embeddings and HotFlip's ids go to the encoder's device (in fp32)."""
-    from tqdm.auto import tqdm
+    from lmlab.progress import bar
 
     device = encoder.device
     words, vectors = vocabulary(encoder, progress)
     sets = flip_sets(encoder.tokenizer, device) if encoder.kind == "sentence" else None
     targets = targets.to(device, torch.float32)
     return [invert_one(t, encoder, words, vectors, config, sets)
-            for t in tqdm(targets, disable=not progress, desc="inverting", unit="target", dynamic_ncols=True)]
+            for t in bar(targets, enabled=progress, desc="inverting", unit="target")]
