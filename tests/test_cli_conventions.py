@@ -319,3 +319,58 @@ def test_evaluate_sampled_decoding_is_reported_beside_greedy(tiny_model_dir, toy
     other = json.loads(capsys.readouterr().out)
     assert other["sampled"]["generations"] != first["sampled"]["generations"]  # temperature 5 on a random model
     assert other["generations"] == first["generations"]  # greedy beside it does not depend on the seed
+
+
+def test_rouge_of_k_samples_per_reference(tmp_path, capsys):
+    """generate --samples k writes each prompt's k samples in a row: each is scored against its own
+    reference, and best-of-k takes each reference's best."""
+    from lmlab.evaluate import rouge
+
+    refs = ["the cat sat on the mat", "a dog ran in the park"]
+    preds = ["the cat sat", "nothing here", "a dog ran in the park", "a dog"]
+    r = rouge(preds, refs)
+    alone = [rouge([p], [refs[i // 2]])["mean"]["rouge1"]["f"] for i, p in enumerate(preds)]
+    assert r["k"] == 2 and r["n"] == 4 and r["references"] == 2
+    assert r["mean"]["rouge1"]["f"] == pytest.approx(sum(alone) / 4)
+    assert r["best_of_k"]["rouge1"] == pytest.approx((max(alone[:2]) + max(alone[2:])) / 2)
+    with pytest.raises(Exception, match="k samples for each reference"):
+        rouge(preds[:3], refs)
+    (tmp_path / "p.txt").write_text("".join(p + "\n" for p in preds))
+    (tmp_path / "r.txt").write_text("".join(p + "\n" for p in refs))
+    assert main(["evaluate", "--task", "summarization", "--predictions", str(tmp_path / "p.txt"), "--references",
+                 str(tmp_path / "r.txt"), "--limit", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["n"], out["k"], out["references"]) == (2, 2, 1)
+    assert out["best_of_k"]["rouge1"] == pytest.approx(max(alone[:2]))
+
+
+def test_generate_takes_a_peft_adapter_folder_or_hub_id(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A PEFT adapter saved by peft itself (no run.json): its base comes from adapter_config.json.
+    A hub id that is neither a folder nor cached fails in one line when the hub is unreachable."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tuned = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    tuned.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] \
+        == tiny_model_dir
+    from lmlab.train import load_checkpoint
+
+    model, _, _ = load_checkpoint(tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, tuned.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    assert main(["generate", "--run", str(tmp_path / "adapter"), "--prompts", str(prompts), "--max-new-tokens", "2",
+                 "--output", str(tmp_path / "o.txt"), "--no-progress"]) == 0
+    capsys.readouterr()
+    import lmlab.hub
+
+    monkeypatch.setattr(lmlab.hub, "hub_reachable", lambda timeout=3.0: False)
+    assert main(["generate", "--run", "nobody/no-such-adapter", "--prompts", str(prompts),
+                 "--output", str(tmp_path / "o2.txt"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not in the local cache (the hub is unreachable)" in err, err

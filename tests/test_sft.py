@@ -107,8 +107,8 @@ def test_rouge_against_hand_worked_values():
     assert r["mean"]["rouge2"]["precision"] == pytest.approx(3 / 5)
     assert r["mean"]["rougeL"]["recall"] == pytest.approx(5 / 6)
     assert r["examples"][0]["rouge1"]["recall"] == pytest.approx(5 / 6)
-    with pytest.raises(LmlabError, match="2 predictions but 1 references"):
-        rouge(["a", "b"], ["a"])
+    with pytest.raises(LmlabError, match="3 predictions for 2 references"):
+        rouge(["a", "b", "c"], ["a", "b"])
 
 
 def test_completion_round_trip_on_a_tiny_model(tiny_model_dir, corpus, tmp_path, capsys):

@@ -68,3 +68,31 @@ def did_you_mean(name: str, known) -> str:
     if not close:
         return ""
     return f" (did you mean {next(k for k in known if k.lower() == close[0])}?)"
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` with no file suffix and no path syntax: what the hub names a repo."""
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) is not None and not name.endswith(
+        (".json", ".jsonl", ".txt", ".safetensors"))
+
+
+def download_adapter(repo_id: str):
+    """The local folder of a PEFT adapter on the hub (its config and weights only); from the cache
+    when offline, one line at once when it is in neither."""
+    from pathlib import Path
+
+    from huggingface_hub import snapshot_download
+
+    from lmlab.errors import LmlabError
+
+    reachable = hub_reachable()
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["adapter_config.json", "adapter_model.safetensors",
+                                                                "*.json", "*.model", "*.txt"],
+                                      local_files_only=not reachable))
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many kinds for "not there"
+        where = "the hub" if reachable else "the local cache (the hub is unreachable)"
+        raise LmlabError(f"adapter {repo_id!r}: not a local folder, and not in {where} "
+                         f"({type(exc).__name__})") from None

@@ -107,14 +107,18 @@ def train(model, tokenizer, method_config, train_items: list[Encoded], val_items
 def load_checkpoint(path: str | Path, model_name: str | None = None, *, device="cpu", dtype=None,
                     bits: int | None = None):
     """``(model, tokenizer, run_info)`` for a checkpoint ``finetune`` wrote: ``RUN/best``, ``RUN/last``
-    or ``RUN`` itself (meaning its best), on ``device`` in ``dtype`` (default fp32). The base model
-    comes from the run's ``run.json`` unless ``model_name`` is given; the method is recognised from
-    the checkpoint's files."""
+    or ``RUN`` itself (meaning its best), on ``device`` in ``dtype`` (default fp32); also any PEFT
+    adapter folder, or a hub id of one. The base model comes from the run's ``run.json`` (else the
+    adapter's ``base_model_name_or_path``) unless ``model_name`` is given; the method is recognised
+    from the checkpoint's files."""
     from lmlab.devices import is_quantized
+    from lmlab.hub import download_adapter, looks_like_hub_id
     from lmlab.io import read_json
     from lmlab.models import load_model
 
     path = Path(path)
+    if not path.exists() and looks_like_hub_id(str(path)):
+        path = download_adapter(str(path))
     if (path / "run.json").exists():
         path = path / "best"
     found = committed_dir(path)
@@ -122,7 +126,9 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, *, device="
         raise LmlabError(f"no checkpoint at {path}")
     run_file = found.parent / "run.json"
     run_info = read_json(run_file) if run_file.exists() else {}
-    name = model_name or run_info.get("model")
+    adapter_file = found / "adapter_config.json"
+    adapter = read_json(adapter_file) if adapter_file.is_file() and not run_info else {}
+    name = model_name or run_info.get("model") or adapter.get("base_model_name_or_path")
     if name is None:
         raise LmlabError(f"{found} has no run.json beside it; pass --model to name its base model")
     model, tokenizer = load_model(name, device=device, dtype=dtype, bits=bits)

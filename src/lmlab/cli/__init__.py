@@ -214,8 +214,9 @@ def cmd_evaluate_generation_task(args: argparse.Namespace) -> int:
         refuse_existing([args.output], args.overwrite)
         predictions = read_texts(args.predictions)
         references = read_texts(args.references, field=args.summary_column)
-        if args.limit is not None and args.limit < len(predictions):
-            predictions, references = predictions[:args.limit], references[:args.limit]
+        if args.limit is not None and references and args.limit < len(references):  # the first N references
+            k = max(1, len(predictions) // len(references))  # and their k samples each
+            predictions, references = predictions[:args.limit * k], references[:args.limit]
         return _report_rouge(args, evaluate.rouge(predictions, references))
     data = sft_data(args)
     refuse_existing([args.output], args.overwrite)
