@@ -189,3 +189,13 @@ def test_toml_grid_without_tomllib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tomli", None)
     with pytest.raises(LmlabError, match="pip install tomli"):
         load_grid(path)
+
+
+def test_settings_at_their_default_stay_out_of_the_identity():
+    """A setting lmlab adds later (at its default) leaves existing runs' folders as they were."""
+    from lmlab import sweep
+
+    assert sweep.identity({"method": "lora"}) == {}
+    assert sweep.identity({"method": "lora", "rank": 16}) == {"rank": 16, "alpha": 64.0}
+    assert sweep.run_id({"method": "lora", "rank": 16}) == sweep.run_id({"method": "lora", "rank": 16, "alpha": 64})
+    assert sweep.run_id({"method": "lora", "use_dora": False}) == sweep.run_id({"method": "lora"})

@@ -1,7 +1,8 @@
 """Watermarks: green lists equal the reference implementation's (re-derived here) and transformers';
 the processors ban / penalise exactly the red ids (padding columns included); detection agrees with
 the reference and transformers' detectors both ways; no-e text has no e; the classifier tells the
-four kinds apart on a tiny model's generations; bad input ends in one line and no file."""
+four kinds apart on a tiny model's generations, also under known counts per kind; bad input ends in
+one line and no file. Other seeding schemes and user green lists: test_watermark_schemes.py."""
 
 import itertools
 import json
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from lmlab.cli import main
+from lmlab.errors import LmlabError
 from lmlab.generate import SamplingConfig, sample
 from lmlab.io import read_texts
 from lmlab.models import build_model, preset_config
@@ -22,6 +24,7 @@ from lmlab.watermark import (
     RedListConfig,
     RedListLogitsProcessor,
     banned_mask,
+    classify_counts,
     classify_text,
     classify_texts,
     detect_ids,
@@ -218,6 +221,18 @@ def test_classifier_tells_the_four_kinds_apart(generations, tokenizer):
         assert [d.code for d in decisions] == [code] * 6, (scheme, [d.reason for d in decisions])
 
 
+def test_known_counts_are_met_exactly_and_correctly(generations, tokenizer):
+    """Six texts per kind and the counts 6,6,6,6: every text gets its kind (an optimal assignment,
+    never undetermined); lopsided counts are met exactly too, with an empty text among them."""
+    texts = [t for scheme in ("none", "no-e", "hard", "soft") for t in generations[scheme]]
+    decisions = classify_counts(texts, tokenizer, [6, 6, 6, 6])
+    assert [d.code for d in decisions] == [1] * 6 + [2] * 6 + [3] * 6 + [4] * 6, [d.reason for d in decisions]
+    lopsided = classify_counts(texts[:12] + [""], tokenizer, [7, 6, 0, 0])  # the empty text fills the gap
+    assert [d.code for d in lopsided] == [1] * 6 + [2] * 6 + [1]
+    with pytest.raises(LmlabError, match="add up to 23"):
+        classify_counts(texts, tokenizer, [6, 6, 6, 5])
+
+
 @pytest.mark.parametrize("text,reason", [("", "empty"), ("   \n", "empty"), ("a", "need at least 2"),
                                          ("\x00", "need at least 2"), ("ok \udcff ok", "not valid Unicode")])
 def test_undetermined_texts(tokenizer, text, reason):
@@ -272,6 +287,14 @@ def test_cli_generate_classify_detect(tiny_model_dir, tmp_path, capsys):
     assert np.load(guesses).tolist() == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
     report = json.loads((tmp_path / "guesses.json").read_text())
     assert report["counts"]["hard"] == 4 and "z" in report["texts"][8]
+    assert main(["watermark", "classify", "--input", str(tmp_path / "texts.npy"), "--model", tiny_model_dir,
+                 "--output", str(guesses), "--overwrite", "--no-progress", "--balanced", "4"]) == 0
+    assert np.load(guesses).tolist() == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
+    capsys.readouterr()
+    assert main(["watermark", "classify", "--input", str(tmp_path / "texts.npy"), "--model", tiny_model_dir,
+                 "--output", str(tmp_path / "other.npy"), "--counts", "4,4,4,3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "add up to 15" in err[0] and not (tmp_path / "other.npy").exists()
     capsys.readouterr()
     assert main(["watermark", "detect", "--input", str(tmp_path / "texts.npy"), "--model", tiny_model_dir,
                  "--json"]) == 0

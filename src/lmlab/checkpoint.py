@@ -162,7 +162,29 @@ def check_out_dir(cfg: TrainConfig) -> Path:
         raise LmlabError(f"{out} already holds a run; pass --resume to continue it or choose another --out-dir")
     if cfg.resume and not has_run:
         raise LmlabError(f"--resume: {out} has no checkpoint to resume from")
+    clear_leftovers(out)
     return out
+
+
+def clear_leftovers(out: Path) -> None:
+    """Remove what killed runs left half-written in ``out``: ``atomic_path`` / ``atomic_dir``
+    temporaries (``.<name>.<random>.tmp``, a full checkpoint each) and sharded saves' staging
+    folders, which would otherwise pile up with every kill. Only while this process holds the
+    folder's lock (no other run writes there). A swapped-out ``.<name>.old`` goes only beside its
+    ``<name>`` (a kill after the swap, before its removal); alone, it is the checkpoint
+    (``io.committed_dir``)."""
+    import shutil
+
+    if out.resolve() not in _held:
+        return
+    for entry in out.iterdir():
+        name = entry.name
+        if name.startswith(".") and (name.endswith(".tmp") or ".rank-optimizers." in name
+                                     or (name.endswith(".old") and (out / name[1:-4]).exists())):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 @contextmanager

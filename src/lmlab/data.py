@@ -86,17 +86,23 @@ def _read_local(folder: Path, split: str) -> list[dict]:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).is_file():  # a folder where the file should be, too
+        raise LmlabError(f"no such file: {path}")
     rows = []
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             try:
                 text = line.decode("utf-8").strip()
-                if text:
-                    rows.append(json.loads(text))
+                if not text:
+                    continue
+                rows.append(json.loads(text))
             except UnicodeDecodeError:
                 raise LmlabError(f"{path}:{n}: not UTF-8 text") from None
             except json.JSONDecodeError as exc:
                 raise LmlabError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
+            except (ValueError, RecursionError) as exc:  # an integer over 4300 digits; nesting too deep
+                why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(":")[0]
+                raise LmlabError(f"{path}:{n}: not a JSON object ({why})") from None
             if not isinstance(rows[-1], dict):
                 raise LmlabError(f"{path}:{n}: expected a JSON object per line")
     return rows
@@ -108,6 +114,10 @@ def _read_csv(path: Path, encoding: str = "utf-8") -> list[dict]:
             return list(csv.DictReader(f))
     except UnicodeDecodeError as exc:
         raise LmlabError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except csv.Error as exc:  # a field over csv.field_size_limit() (128 KiB)
+        raise LmlabError(f"{path}: not a readable CSV file ({exc})") from None
+    except OSError as exc:  # a folder where the file should be
+        raise LmlabError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def read_hub(name: str, split: str, config: str | None = None) -> list[dict]:
@@ -142,6 +152,10 @@ def _to_examples(rows: list[dict], fmt: TaskFormat, where: str) -> list[Example]
                 f"{where}: no column {column!r} (columns: {', '.join(map(str, rows[0]))}); "
                 "use --text-column / --label-column"
             )
+    for i, r in enumerate(rows):  # a later row without a column (a short CSV line gives None)
+        missing = [c for c in (fmt.text_column, fmt.label_column) if r.get(c) is None]
+        if missing:
+            raise LmlabError(f"{where}, row {i + 1}: no {' or '.join(map(repr, missing))} value")
     return [Example(str(r[fmt.text_column]), _label_id(r[fmt.label_column], fmt, where, i + 1))
             for i, r in enumerate(rows)]
 
@@ -151,7 +165,8 @@ def _label_id(value, fmt: TaskFormat, where: str, row: int) -> int:
     text = str(value).strip()
     if text in fmt.label_words:
         return fmt.label_words.index(text)
-    if text.lstrip("-").isdigit() and 0 <= int(text) < len(fmt.label_words):
+    # isdecimal, not isdigit: int() refuses "²"; and a short one: int() refuses over 4300 digits
+    if text.lstrip("-").isdecimal() and len(text) < 20 and 0 <= int(text) < len(fmt.label_words):
         return int(text)
     raise LmlabError(
         f"{where}, row {row}: label {value!r} is outside the label set "
@@ -196,6 +211,9 @@ class Encoded:
     prompt_ids: list[int]
     completion_ids: list[int]
     label: int
+    # 1 where a completion token is in the loss; None: all of them. A multi-turn chat's completion
+    # runs from its first assistant token to its last, the user turns between masked out
+    loss_mask: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
@@ -223,9 +241,10 @@ def left_pad_batch(items: list[Encoded], pad_id: int, with_completion: bool = Tr
     """Left-padded batch on ``device``: every sequence ends at the last position, so label tokens
     sit in the last k columns for all rows and the LM head need only run there (``logits_to_keep``).
 
-    Returns input_ids, attention_mask, position_ids (B, T) and labels (B, k) with -100 padding,
-    where k is the longest completion in the batch. Built on the CPU (many small copies), then
-    moved in one transfer per tensor; ``device`` has no default so no caller can forget it.
+    Returns input_ids, attention_mask, position_ids (B, T) and labels (B, k) with -100 padding
+    (and -100 where an item's ``loss_mask`` is 0), where k is the longest completion in the batch.
+    Built on the CPU (many small copies), then moved in one transfer per tensor; ``device`` has no
+    default so no caller can forget it.
     """
     import torch
 
@@ -240,7 +259,9 @@ def left_pad_batch(items: list[Encoded], pad_id: int, with_completion: bool = Tr
         input_ids[i, width - len(s):] = torch.tensor(s, device=cpu)
         mask[i, width - len(s):] = 1
         if with_completion:
-            labels[i, k - len(it.completion_ids):] = torch.tensor(it.completion_ids, device=cpu)
+            target = it.completion_ids if it.loss_mask is None else \
+                [t if keep else -100 for t, keep in zip(it.completion_ids, it.loss_mask, strict=True)]
+            labels[i, k - len(it.completion_ids):] = torch.tensor(target, device=cpu)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     device = torch.device(device)
     # non-blocking only to CUDA (pinned or not, the copy is ordered); to MPS it can read freed memory

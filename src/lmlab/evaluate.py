@@ -151,16 +151,22 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _encode(tokenizer, fmt: TaskFormat, examples: list[Example], max_length: int) -> list[Encoded]:
+def _encode(tokenizer, fmt: TaskFormat, examples: list[Example], max_length: int, chat: bool = False) -> list[Encoded]:
+    """The items finetune trains on: the raw template, or with ``chat`` the prompt as a user turn of
+    the chat template and the label word as the reply (``lmlab.chat.classification_items``)."""
     if not examples:
         raise LmlabError("no examples to evaluate")
+    if chat:
+        from lmlab.chat import classification_items
+
+        return classification_items(tokenizer, fmt, examples, max_length)
     return encode(tokenizer, fmt, examples, max_length)
 
 
 def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Example], *, batch_size: int = 16,
                         max_new_tokens: int = 3, max_length: int = 256, progress: bool = True,
                         shared_prefix: bool = True, stop_when_decided: bool = True, temperature: float = 0.0,
-                        top_k: int = 0, seed: int = 0) -> EvalResult:
+                        top_k: int = 0, seed: int = 0, chat: bool = False) -> EvalResult:
     """Generation in length-sorted, left-padded batches with the KV cache; the new tokens are
     decoded and parsed with ``parse_label``. Greedy by default; ``temperature`` > 0 samples (with
     ``top_k`` if > 0; the LoRA homework decodes with temperature 0.6, top-k 200), seeded by
@@ -171,9 +177,9 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
     would alone. With ``shared_prefix``, the token prefix every prompt shares runs once and each
     batch starts from copies of its KV cache (``lmlab.kvcache``). With ``stop_when_decided``, a
     batch stops as soon as every row's label is ``label_decided`` (each generation is then a prefix
-    of the full one, parsed the same).
+    of the full one, parsed the same). ``chat``: prompts in the chat template, as ``_encode`` says.
     """
-    items = _encode(tokenizer, fmt, examples, max_length)
+    items = _encode(tokenizer, fmt, examples, max_length, chat)
     pad = _pad_id(tokenizer)
     eos = model.generation_config.eos_token_id
     shared = shared_prefix_length([it.prompt_ids for it in items]) if shared_prefix else 0
@@ -222,17 +228,18 @@ def _stop_when_decided(tokenizer, label_words, prompt_width: int):
 
 
 def evaluate_scoring(model, tokenizer, fmt: TaskFormat, examples: list[Example], *, batch_size: int = 16,
-                     max_length: int = 256, progress: bool = True) -> EvalResult:
+                     max_length: int = 256, progress: bool = True, chat: bool = False) -> EvalResult:
     """Predict the label with the highest ``label_logprobs``; never unparseable."""
     t0 = time.perf_counter()
     scores = label_logprobs(model, tokenizer, fmt, examples, batch_size=batch_size, max_length=max_length,
-                            progress=progress)
+                            progress=progress, chat=chat)
     return summarize(scores.argmax(-1).tolist(), [e.label for e in examples], len(fmt.label_words),
                      seconds=time.perf_counter() - t0)
 
 
 def label_logprobs(model, tokenizer, fmt: TaskFormat, examples: list[Example], *, batch_size: int = 16,
-                   max_length: int = 256, progress: bool = False, shared_prefix: bool = True) -> torch.Tensor:
+                   max_length: int = 256, progress: bool = False, shared_prefix: bool = True,
+                   chat: bool = False) -> torch.Tensor:
     """log p(label tokens | prompt) for every example and label, summed over a label's tokens; (N, L).
 
     Each prompt runs once and the LM head only where a label token is predicted: on the prompt's
@@ -242,8 +249,13 @@ def label_logprobs(model, tokenizer, fmt: TaskFormat, examples: list[Example], *
     costs k - 1 positions, not the prompt again. With ``shared_prefix``, the token prefix every
     prompt shares (the template's instruction) runs once and its KV cache serves every batch.
     """
-    items = _encode(tokenizer, fmt, examples, max_length)
-    completions = label_token_ids(tokenizer, fmt)
+    items = _encode(tokenizer, fmt, examples, max_length, chat)
+    if chat:
+        from lmlab.chat import label_ids
+
+        completions = label_ids(tokenizer, fmt)  # the reply's first tokens: no leading space
+    else:
+        completions = label_token_ids(tokenizer, fmt)
     pad = _pad_id(tokenizer)
     scores = torch.empty(len(items), len(completions), device=model_device(model))  # (N, L)
     shared = shared_prefix_length([it.prompt_ids for it in items]) if shared_prefix else 0
@@ -373,11 +385,12 @@ def evaluate_checkpoint(checkpoint, *, split: str = "test", limit: int | None = 
     fmt = task_format(_Saved(), run_info)
     examples = subsample(load_splits(run_info.get("dataset") or DEFAULT_DATASET, fmt, (split,))[split], limit)
     max_length = run_info.get("max_length", 256)
+    chat = run_info.get("chat_template") == "on"  # as the run trained
     if scoring:
         return evaluate_scoring(model, tokenizer, fmt, examples, batch_size=batch_size, max_length=max_length,
-                                progress=progress)
+                                progress=progress, chat=chat)
     return evaluate_generation(model, tokenizer, fmt, examples, batch_size=batch_size, max_length=max_length,
-                               progress=progress)
+                               progress=progress, chat=chat)
 
 
 class _Saved:
@@ -394,7 +407,7 @@ def perplexity(model, tokenizer, items: list[Encoded], batch_size: int = 8, prog
 
     loss = validation_loss(model, items, _pad_id(tokenizer), batch_size, progress=progress)
     return {"n": len(items), "loss": loss, "perplexity": math.exp(loss),
-            "tokens": sum(len(i.completion_ids) for i in items)}
+            "tokens": sum(len(i.completion_ids) if i.loss_mask is None else sum(i.loss_mask) for i in items)}
 
 
 def generate_summaries(model, tokenizer, items: list[Encoded], *, max_new_tokens: int = 40, batch_size: int = 8,

@@ -17,10 +17,15 @@ from lmlab.models import DEFAULT_MODEL
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
     """A fine-tuning run. Method options: ``rank``/``alpha``/``lora_dropout``/``target`` (LoRA;
-    None: ``LoraConfig``'s defaults, alpha 4 x rank), ``bottleneck``/``train_layer_norms``
+    None: ``LoraConfig``'s defaults, alpha 4 x rank; ``target`` "all-linear": every linear layer but
+    the head), ``use_rslora``/``use_dora``/``modules_to_save`` (LoRA's options as in peft;
+    ``modules_to_save`` as "lm_head,wte"), ``bottleneck``/``train_layer_norms``
     (adapter), ``prefix_length``/``prefix_hidden`` (prefix). Data: ``task`` classification
     (``dataset``, columns, ``template``, ``label_words`` as "w0,w1"), completion or summarization
-    (``block_size``, ``val_fraction``, ``summary_column``). Training: see ``engine.TrainConfig``.
+    (``block_size``, ``val_fraction``, ``summary_column``), chat (``lmlab.chat``: alpaca, ShareGPT or
+    messages rows; loss on the assistant turns); ``chat_template`` (auto, on, off: the tokenizer's
+    chat template for chat and classification, recorded resolved in run.json). Training: see
+    ``engine.TrainConfig``.
     ``load_in_4bit``/``load_in_8bit``: QLoRA's quantised frozen base (CUDA, bitsandbytes)."""
 
     model: str = DEFAULT_MODEL
@@ -29,6 +34,9 @@ class FinetuneConfig:
     alpha: float | None = None  # None: 4 x rank (``lora.default_alpha``), also when recorded so
     lora_dropout: float | None = None  # None: ``LoraConfig.dropout`` (0.05)
     target: str | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: str | None = None
     bottleneck: int = 64
     train_layer_norms: bool = False
     prefix_length: int = 10
@@ -43,6 +51,7 @@ class FinetuneConfig:
     block_size: int = 128
     val_fraction: float = 0.1
     summary_column: str = "summary"
+    chat_template: str = "auto"  # on / off / auto: on for task chat when the tokenizer has one, off otherwise
     dropout: float = 0.0
     lr: float = 2.5e-4
     batch_size: int = 8
@@ -97,8 +106,12 @@ class FinetuneConfig:
         self.train_config()
         method_config(self)
         _ = self.bits
-        if self.task not in ("classification", "completion", "summarization"):
-            raise LmlabError(f"task must be classification, completion or summarization, got {self.task!r}")
+        if self.task not in ("classification", "completion", "summarization", "chat"):
+            raise LmlabError(f"task must be classification, completion, summarization or chat, got {self.task!r}")
+        if self.chat_template not in ("auto", "on", "off"):
+            raise LmlabError(f"chat template must be auto, on or off, got {self.chat_template!r}")
+        if self.chat_template == "on" and self.task in ("completion", "summarization"):
+            raise LmlabError(f"--chat-template on is for --task chat and classification, not {self.task}")
         return self
 
     @property
@@ -123,9 +136,13 @@ def method_config(options):
 
     if options.method == "lora":
         targets = tuple(t.strip() for t in options.target.split(",") if t.strip()) if options.target else None
+        if targets and len(targets) == 1 and targets[0].lower() == "all-linear":
+            targets = "all-linear"  # peft's shorthand, not a module name
         given = {"r": options.rank, "alpha": options.alpha, "dropout": options.lora_dropout}
         # not given (None): LoraConfig's defaults, alpha = lora.default_alpha(rank)
-        return peft.make_config("lora", **{k: v for k, v in given.items() if v is not None}, target_modules=targets)
+        return peft.make_config("lora", **{k: v for k, v in given.items() if v is not None}, target_modules=targets,
+                                use_rslora=options.use_rslora, use_dora=options.use_dora,
+                                modules_to_save=options.modules_to_save)
     if options.method == "adapter":
         return peft.make_config("adapter", bottleneck=options.bottleneck, train_layer_norms=options.train_layer_norms)
     if options.method == "prefix":
@@ -147,12 +164,14 @@ def task_format(options, saved: dict | None = None):
 
 
 def sft_data(options):
-    """The SftData of a completion or summarization run."""
+    """The SftData of a completion, summarization or chat run."""
     from lmlab.sft import SftData
 
     if not options.dataset:
         raise LmlabError(f"--task {options.task} needs --dataset: "
-                         + ("a plain-text file" if options.task == "completion" else "a .jsonl of {post, summary} "
+                         + ("a plain-text file" if options.task == "completion" else
+                            "a .jsonl of alpaca, ShareGPT or messages rows, or a folder with train/validation .jsonl"
+                            if options.task == "chat" else "a .jsonl of {post, summary} "
                             "or a folder with train/validation .jsonl"))
     return SftData(source=options.dataset, val_fraction=options.val_fraction, block_size=options.block_size,
                    max_length=options.max_length, post_column=options.text_column or "post",
@@ -276,6 +295,8 @@ def _run(config: FinetuneConfig, cfg) -> dict:
 
     method = method_config(config)
     bits = config.bits
+    if config.chat_template == "on" and config.task in ("completion", "summarization"):
+        raise LmlabError(f"--chat-template on is for --task chat and classification, not {config.task}")
     if config.task == "classification":
         fmt = task_format(config)
         dataset = config.dataset or DEFAULT_DATASET
@@ -286,13 +307,29 @@ def _run(config: FinetuneConfig, cfg) -> dict:
         data = sft_data(config)
         dataset = data.source
         read_pairs(data) if config.task == "summarization" else read_corpus(data.source)  # bad data: fail first
+    elif config.task == "chat":
+        from lmlab.chat import read_conversations
+
+        data = sft_data(config)
+        dataset = data.source
+        conversations = read_conversations(data.source, data.val_fraction)  # bad data: fail first
     else:
-        raise LmlabError(f"task must be classification, completion or summarization, got {config.task!r}")
+        raise LmlabError(f"task must be classification, completion, summarization or chat, got {config.task!r}")
     model, tokenizer = load_for_training(config.model, method, cfg, bits)
+    from lmlab import chat
+
+    # auto: the chat template for --task chat; classification keeps its raw template unless asked
+    template = chat.use_template(config.chat_template, tokenizer, model, auto=config.task == "chat")
     if config.task == "classification":
-        train_items = encode(tokenizer, fmt, splits["train"], config.max_length)
-        val_items = encode(tokenizer, fmt, subsample(splits["validation"], config.eval_limit), config.max_length)
+        encode_as = chat.classification_items if template else encode  # the label word as the reply, or raw
+        train_items = encode_as(tokenizer, fmt, splits["train"], config.max_length)
+        val_items = encode_as(tokenizer, fmt, subsample(splits["validation"], config.eval_limit), config.max_length)
         task_info = asdict(fmt)
+    elif config.task == "chat":
+        train_items = chat.chat_items(tokenizer, conversations[0], template, config.max_length)
+        val_items = subsample(chat.chat_items(tokenizer, conversations[1], template, config.max_length),
+                              config.eval_limit)
+        task_info = asdict(data)
     else:
         from lmlab.sft import task_items
 
@@ -302,7 +339,8 @@ def _run(config: FinetuneConfig, cfg) -> dict:
     trainable, total = peft.count_parameters(model)
     run_info = {"model": config.model, "task": config.task, "dataset": dataset, "method": config.method,
                 "max_length": config.max_length, "eval_limit": config.eval_limit, "trainable": trainable,
-                "total": total, "bits": bits, **task_info, "options": asdict(config)}
+                "total": total, "bits": bits, **task_info, "chat_template": "on" if template else "off",
+                "options": asdict(config)}
     from lmlab.engine import is_main_process
 
     if not config.json and is_main_process():

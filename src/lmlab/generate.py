@@ -44,12 +44,14 @@ class SamplingConfig:
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
-    """Token ids of one prompt: raw text (with the tokenizer's BOS if it adds one), or a chat turn."""
+    """Token ids of one prompt: raw text (with the tokenizer's BOS if it adds one), or a user turn of
+    the chat template ready for the reply, rendered as ``finetune --task chat`` renders it."""
     if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise LmlabError("this tokenizer has no chat template; drop --chat")
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=True)["input_ids"])
+        from lmlab.chat import has_template, user_turn_ids
+
+        if not has_template(tokenizer):
+            raise LmlabError("this tokenizer has no chat template; use --chat-template off")
+        return user_turn_ids(tokenizer, prompt, True)
     return tokenizer(prompt)["input_ids"]
 
 

@@ -111,13 +111,27 @@ def load_torch(path: str | os.PathLike):
         raise LmlabError(f"{path}: not a tensor file ({why})") from None
 
 
-def read_json(path: str | os.PathLike):
+def _json_value(text: str, where: str):
+    """``json.loads``, every way it can fail one LmlabError (an integer over 4300 digits is a
+    ValueError, deep nesting a RecursionError, neither a JSONDecodeError)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LmlabError(f"no such file: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LmlabError(f"{where} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(":")[0]
+        raise LmlabError(f"{where} is not valid JSON: {why}") from None
+
+
+def read_json(path: str | os.PathLike):
+    if not Path(path).is_file():
+        raise LmlabError(f"no such file: {path}")
+    try:
+        return _json_value(Path(path).read_text(encoding="utf-8"), str(path))
+    except UnicodeDecodeError as exc:
         raise LmlabError(f"{path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise LmlabError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 @contextmanager
@@ -194,16 +208,18 @@ def read_texts(path: str | os.PathLike, field: str = "text") -> list[str]:
             raise LmlabError(f"{path}: not a numpy array of strings (an .npz archive)")
         if array.ndim != 1 or array.dtype.kind not in "US":
             raise LmlabError(f"{path}: expected a 1-D array of strings, got shape {array.shape} dtype {array.dtype}")
-        return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in array.tolist()]
+        try:
+            return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in array.tolist()]
+        except UnicodeDecodeError as exc:
+            raise LmlabError(f"{path}: a byte string is not UTF-8 text ({exc.reason})") from None
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise LmlabError(f"{path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise LmlabError(f"cannot read {path}: {exc.strerror or exc}") from None
     if suffix == ".json":
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LmlabError(f"{path} is not valid JSON: {exc}") from None
+        obj = _json_value(text, str(path))
         texts = obj.get("texts") if isinstance(obj, dict) else obj
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise LmlabError(f"{path}: expected a JSON list of strings or an object with a 'texts' list of strings")
@@ -213,10 +229,7 @@ def read_texts(path: str | os.PathLike, field: str = "text") -> list[str]:
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise LmlabError(f"{path}:{n}: not valid JSON") from None
+            obj = _json_value(line, f"{path}:{n}")
             value = obj.get(field) if isinstance(obj, dict) else obj
             if not isinstance(value, str):
                 raise LmlabError(f"{path}:{n}: expected an object with a string {field!r} field")

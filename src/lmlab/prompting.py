@@ -88,8 +88,8 @@ def normalize_number(text: str) -> str | None:
         value = Decimal(raw)
     except InvalidOperation:
         return None
-    if value == value.to_integral_value():
-        return str(int(value))
+    if value == value.to_integral_value():  # as digits, not str(int(...)): over 4300 digits that raises
+        return "0" if value.is_zero() else format(value.to_integral_value(), "f")
     return format(value.normalize(), "f")
 
 

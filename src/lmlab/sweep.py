@@ -109,7 +109,7 @@ def run_name(run: dict) -> str:
     and ``.+_-`` only, whatever the grid holds."""
     from lmlab.finetune import FinetuneConfig
 
-    settings = identity(run)
+    settings = resolved(run)
     parts = [str(settings["method"])]
     for key, short in _SHORT.get(settings["method"], ()):
         if settings[key] is not None:
@@ -123,9 +123,8 @@ def _short_value(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def identity(run: dict) -> dict:
-    """The settings that make a run the experiment it is: every ``FinetuneConfig`` field as the run
-    resolves it (defaults included, so ``rank=128`` given or not is the same run), less those in
+def resolved(run: dict) -> dict:
+    """Every ``FinetuneConfig`` field as the run resolves it (defaults included), less those in
     ``NOT_IDENTITY``. Whole numbers given for float settings count as floats (``alpha=64`` is
     ``alpha=4r`` at r=16). An unknown option is kept as given (``run`` and ``plan`` refuse it)."""
     from lmlab.finetune import FinetuneConfig
@@ -141,7 +140,19 @@ def identity(run: dict) -> dict:
         if str(f.type).startswith("float") and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         settings[f.name] = value
+    if settings.get("alpha") is None and isinstance(settings.get("rank"), int):  # LoRA's alpha = 4r, given or not
+        from lmlab.peft.lora import default_alpha
+
+        settings["alpha"] = default_alpha(settings["rank"])
     return settings
+
+
+def identity(run: dict) -> dict:
+    """The settings that make a run the experiment it is: ``resolved`` less those at their default,
+    so ``rank=128`` given or not is the same run, and a setting lmlab adds later leaves the folders
+    of existing runs as they were."""
+    default = resolved({})
+    return {k: v for k, v in resolved(run).items() if k not in default or v != default[k]}
 
 
 def run_id(run: dict) -> str:

@@ -117,8 +117,8 @@ def parse_bytes(text: str) -> float:
     if not match or match.group(2) not in _UNITS:
         raise LmlabError(f"not a size in bytes: {text!r} (e.g. 350GB, 1.5TiB, 4e9)")
     value = float(match.group(1)) * _UNITS[match.group(2)]
-    if value <= 0:
-        raise LmlabError(f"a size must be positive, got {text!r}")
+    if not 0 < value < float("inf"):
+        raise LmlabError(f"a size must be positive and finite, got {text!r}")
     return value
 
 

@@ -76,12 +76,30 @@ def target_shape(spec: ModelSpec, target: str) -> tuple[int, int]:
                      f"or the modules {', '.join(shapes)}")
 
 
-def lora_count(spec: ModelSpec, r: int, targets: Sequence[str] | None = None) -> int:
-    """r * (d_in + d_out) per targeted projection per layer (A is r x d_in, B is d_out x r)."""
+def lora_count(spec: ModelSpec, r: int, targets: Sequence[str] | None = None, dora: bool = False) -> int:
+    """r * (d_in + d_out) per targeted projection per layer (A is r x d_in, B is d_out x r), plus
+    d_out with DoRA (its magnitude vector m). ``targets`` "all-linear": every projection."""
     if r <= 0:
         raise LmlabError(f"rank must be positive, got {r}")
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        targets = list(projection_shapes(spec))
     shapes = [target_shape(spec, t) for t in targets or spec.qkv]
-    return spec.layers * sum(r * (d_in + d_out) for d_in, d_out in shapes)
+    return spec.layers * sum(r * (d_in + d_out) + (d_out if dora else 0) for d_in, d_out in shapes)
+
+
+def saved_modules_count(spec: ModelSpec, names: Sequence[str], vocab: int, positions: int = 0) -> int:
+    """The full copies of LoRA's ``modules_to_save``: the LM head and the token embeddings are
+    vocab x d each (a tied head's copy too), GPT-2's position embeddings positions x d, the final
+    norm d (RMSNorm) or 2d (LayerNorm)."""
+    d = spec.hidden
+    norm = 2 * d if spec.family == "gpt2" else d
+    sizes = {"lm_head": vocab * d, "wte": vocab * d, "embed_tokens": vocab * d, "wpe": positions * d,
+             "ln_f": norm, "norm": norm}
+    leaves = [n.rsplit(".", 1)[-1] for n in names]
+    unknown = [n for n in leaves if n not in sizes]
+    if unknown:
+        raise LmlabError(f"closed form knows modules_to_save {', '.join(sizes)}, not {unknown[0]!r}")
+    return sum(sizes[n] for n in leaves)
 
 
 def adapter_count(spec: ModelSpec, m: int, train_layer_norms: bool = False) -> int:
@@ -133,13 +151,15 @@ def base_count(spec: ModelSpec, vocab: int, positions: int = 0, tied: bool = Tru
     return vocab * d + positions * d + spec.layers * block + norm_count(spec) + head
 
 
-def closed_form(spec: ModelSpec, method: str, config, total_base: int) -> int:
-    """Trainable parameters of ``method`` with ``config`` by the formulas above."""
+def closed_form(spec: ModelSpec, method: str, config, total_base: int, vocab: int = 0, positions: int = 0) -> int:
+    """Trainable parameters of ``method`` with ``config`` by the formulas above (``vocab`` and
+    ``positions`` size LoRA's ``modules_to_save``)."""
     if method == "lora":
         targets = config.target_modules
-        if isinstance(targets, str):
+        if isinstance(targets, str) and targets.lower() != "all-linear":
             raise LmlabError("closed form needs target names, not a regex")
-        return lora_count(spec, config.r, targets)
+        saved = saved_modules_count(spec, config.modules_to_save or (), vocab, positions)
+        return lora_count(spec, config.r, targets, dora=config.use_dora) + saved
     if method == "adapter":
         return adapter_count(spec, config.bottleneck, config.train_layer_norms)
     if method == "prefix":
@@ -161,7 +181,8 @@ def report(model_name: str, method: str, config) -> dict:
     _, total_base = peft.count_parameters(model)
     peft.apply(model, config)
     trainable, total = peft.count_parameters(model)
-    expected = closed_form(model_spec(hf_config), method, config, total_base)
+    expected = closed_form(model_spec(hf_config), method, config, total_base, vocab=hf_config.vocab_size,
+                           positions=getattr(hf_config, "n_positions", 0))
     return {
         "model": model_name, "method": method, "trainable": trainable, "total": total,
         "percent": 100.0 * trainable / total, "closed_form_trainable": expected,

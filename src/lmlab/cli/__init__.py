@@ -17,6 +17,7 @@ from lmlab.cli._args import (
     add_device_args,
     fill_help,
     load_model_or_run,
+    nonnegative_float,
     nonnegative_int,
     placement,
     positive_float,
@@ -34,12 +35,20 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
     which ``lmlab --help`` must not wait for (tests/test_lora.py checks the help against them)."""
     p.add_argument("--method", default="lora", choices=["lora", "adapter", "prefix", "bitfit", "full"])
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", "-r", type=int, default=None, help="LoRA rank r (default 128)")
-    g.add_argument("--alpha", type=float, default=None,
+    g.add_argument("--rank", "-r", type=_positive_int, default=None, help="LoRA rank r (default 128)")
+    g.add_argument("--alpha", type=positive_float, default=None,
                    help="LoRA alpha; the update is scaled by alpha/r (default 4 x rank)")
-    g.add_argument("--lora-dropout", type=float, default=None, help="dropout on the LoRA branch input (default 0.05)")
+    g.add_argument("--lora-dropout", type=nonnegative_float, default=None, help="dropout on the LoRA branch input (default 0.05)")
     g.add_argument("--target", default=None,
-                   help="comma-separated module names to adapt (default: attention q,k,v projections)")
+                   help="comma-separated module names to adapt, or all-linear: every linear layer but the LM head "
+                        "(default: attention q,k,v projections)")
+    g.add_argument("--use-rslora", action="store_true",
+                   help="rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r (default off)")
+    g.add_argument("--use-dora", action="store_true",
+                   help="DoRA: learn a magnitude per output beside the LoRA direction (default off)")
+    g.add_argument("--modules-to-save", default=None,
+                   help="comma-separated modules to train in full and save in the adapter, e.g. lm_head or "
+                        "embed_tokens/wte (default none)")
     g = p.add_argument_group("bottleneck adapter")
     g.add_argument("--bottleneck", type=int, default=64, help="adapter inner width m (default 64)")
     g.add_argument("--train-layer-norms", action="store_true", help="also train the layer norms (Houlsby et al.)")
@@ -104,6 +113,11 @@ def add_task_args(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
                    help=f"comma-separated words for label ids 0, 1, ... (default: {run}negative,positive)")
     g.add_argument("--max-length", type=_positive_int, default=None if evaluate else 256,
                    help=f"longest prompt + label (or summary) in tokens (default: {run}256)")
+    g.add_argument("--chat-template", default=None if evaluate else "auto", choices=["auto", "on", "off"],
+                   help="render prompts with the tokenizer's chat template: classification's prompt as the user "
+                        "turn and the label word as the reply; auto: on for --task chat (when the tokenizer has "
+                        "a template; else the plain User:/Assistant: format), off for classification "
+                        f"(default: {run}auto)")
 
 
 def template_text(text: str) -> str:
@@ -119,14 +133,16 @@ def add_generation_task_args(p: argparse.ArgumentParser, evaluate: bool = False)
     run = "the run's, else " if evaluate else ""
     g = p.add_argument_group("generation tasks")
     g.add_argument("--task", default=None if evaluate else "classification",
-                   choices=["classification", "completion", "summarization"],
-                   help="classification (label words), completion (a plain-text --dataset, every token) or "
+                   choices=["classification", "completion", "summarization", "chat"],
+                   help="classification (label words), completion (a plain-text --dataset, every token), "
                         "summarization (.jsonl of {post, summary}; prompt '<post>\\nTL;DR:', loss on the summary) "
+                        "or chat (.jsonl of alpaca, ShareGPT or messages rows; loss on the assistant turns) "
                         f"(default: {run}classification)")
     g.add_argument("--block-size", type=_positive_int, default=None if evaluate else 128,
                    help=f"completion: tokens per block (default: {run}128)")
     g.add_argument("--val-fraction", type=float, default=None if evaluate else 0.1,
-                   help=f"completion / single-file summarization: the tail that validates (default: {run}0.1)")
+                   help=f"completion / single-file summarization or chat: the tail that validates "
+                        f"(default: {run}0.1)")
     g.add_argument("--summary-column", default=None if evaluate else "summary",
                    help=f"summarization: the summary field (default: {run}summary); --text-column names the "
                         "post field (post)")
@@ -186,7 +202,8 @@ def evaluate_options(args: argparse.Namespace) -> argparse.Namespace:
     given = vars(args)
     task = given["task"] or recorded.get("task") or record.get("task") or "classification"
     defaults = {"dataset": None, "block_size": 128, "val_fraction": 0.1, "summary_column": "summary",
-                "max_length": record.get("max_length", 256)}
+                "max_length": record.get("max_length", 256),
+                "chat_template": record.get("chat_template", "auto")}  # the run's resolved on/off
     resolved = {name: given[name] if given[name] is not None else recorded.get(name, default)
                 for name, default in defaults.items()}
     if task != "classification":  # a classification run's columns, template and words: task_format
@@ -223,6 +240,20 @@ def cmd_evaluate_generation_task(args: argparse.Namespace) -> int:
     device, dtype = placement(args)
     model, tokenizer, _ = load_model_or_run(args, device, dtype, run=args.checkpoint)
     progress = not args.no_progress
+    if args.task == "chat":  # the assistant turns' loss on the validation conversations, as finetune scored them
+        from lmlab.chat import chat_items, read_conversations, use_template
+
+        template = use_template(args.chat_template, tokenizer, model, auto=True)
+        items = subsample(chat_items(tokenizer, read_conversations(data.source, data.val_fraction)[1], template,
+                                     data.max_length), args.limit)
+        result = {**evaluate.perplexity(model, tokenizer, items, args.batch_size, progress=progress),
+                  "dataset": data.source, "split": "validation", "checkpoint": args.checkpoint,
+                  "chat_template": "on" if template else "off"}
+        print(json.dumps(result) if args.json else
+              f"{data.source} / validation, {args.checkpoint or args.model or DEFAULT_MODEL}, chat template "
+              f"{result['chat_template']}\nassistant-token loss {result['loss']:.4f}, perplexity "
+              f"{result['perplexity']:.2f} over {result['n']:,} conversations ({result['tokens']:,} tokens)")
+        return 0
     if args.task == "completion":
         from lmlab.sft import completion_items
 
@@ -272,12 +303,15 @@ def run_evaluate(args: argparse.Namespace):
     dataset = args.dataset or run_info.get("dataset") or DEFAULT_DATASET
     examples = subsample(load_splits(dataset, fmt, (args.split,))[args.split], args.limit)  # bad data: no model load
     model, tokenizer, _ = load_model_or_run(args, device, dtype, run=args.checkpoint)
+    from lmlab.chat import use_template
+
+    chat = use_template(args.chat_template, tokenizer, model, run_info=run_info)  # auto: as the run trained, else off
     if args.scoring:
         result = evaluate_scoring(model, tokenizer, fmt, examples, batch_size=args.batch_size,
-                                  max_length=args.max_length, progress=not args.no_progress)
+                                  max_length=args.max_length, progress=not args.no_progress, chat=chat)
         return result, fmt, dataset, None
     generation = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
-                      progress=not args.no_progress, stop_when_decided=not args.full_text)
+                      progress=not args.no_progress, stop_when_decided=not args.full_text, chat=chat)
     result = evaluate_generation(model, tokenizer, fmt, examples, **generation)
     sampled = evaluate_generation(model, tokenizer, fmt, examples, **generation, temperature=args.temperature,
                                   top_k=args.top_k, seed=args.seed) if args.decoding == "sample" else None
@@ -287,6 +321,10 @@ def run_evaluate(args: argparse.Namespace):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lmlab.evaluate import format_report
 
+    if args.harness:  # lm-evaluation-harness tasks (with their own data, not the run's) on the loaded model
+        from lmlab import harness
+
+        return harness.cli_evaluate(args, lambda: load_model_or_run(args, *placement(args), run=args.checkpoint)[:2])
     args = evaluate_options(args)
     if args.task != "classification":
         return cmd_evaluate_generation_task(args)
@@ -417,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=None, help="N examples drawn with a fixed seed (the same N every time)")
     p.add_argument("--scoring", action="store_true",
                    help="compare the label words' log-likelihoods in one forward pass instead of generating")
+    p.add_argument("--harness", default=None, metavar="TASKS",
+                   help="run these comma-separated lm-evaluation-harness tasks instead (lmlab's rotten_tomatoes "
+                        "reads --dataset; needs pip install -e '.[harness]') (default none)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--max-new-tokens", type=_positive_int, default=None,
                    help="most tokens generated per example (default: 3; with --decoding sample 5; summarization 40)")
@@ -480,6 +521,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
                file=file or sys.stderr)
 
 
+def _one_line(exc: Exception) -> str:
+    """An error's text on one line, whatever a path or a value in it holds."""
+    return " ".join(str(exc).splitlines())
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -490,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         apply_config(parser, argv)
     except LmlabError as exc:
-        print(f"lmlab: error: {exc}", file=sys.stderr)
+        print(f"lmlab: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
     shown, warnings.showwarning = warnings.showwarning, _show_warning
@@ -500,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmlab: {exc}", file=sys.stderr)
         return 130
     except LmlabError as exc:
-        print(f"lmlab: error: {exc}", file=sys.stderr)
+        print(f"lmlab: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lmlab: interrupted", file=sys.stderr)

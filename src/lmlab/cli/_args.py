@@ -124,6 +124,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (no nan, no inf)."""
+    value = _number(float, text, None, False, "a finite number")
+    if abs(value) == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def nonnegative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
     value = _number(float, text, 0.0, False, "a non-negative number")
@@ -149,7 +157,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=positive_float, default=1.0, help="1 = off (1.0)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch")
-    g.add_argument("--chat", action="store_true", help="send each prompt as a user turn of the chat template")
+    g.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"],
+                   help="send each prompt as a user turn of the tokenizer's chat template (auto: as the --run "
+                        "recorded, else off)")
+    g.add_argument("--chat", dest="chat_template", action="store_const", const="on",
+                   help="the same as --chat-template on")
 
 
 def sampling_config(args: argparse.Namespace):
@@ -157,7 +169,7 @@ def sampling_config(args: argparse.Namespace):
 
     return SamplingConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                           samples=args.samples, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed, batch_size=args.batch_size, chat=args.chat)
+                          seed=args.seed, batch_size=args.batch_size, chat=args.chat_template == "on")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

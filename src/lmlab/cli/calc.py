@@ -71,6 +71,15 @@ def cmd_scaling_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_scaling(args: argparse.Namespace) -> int:
+    """The calculator, or ``fit``; a law or sizes beyond floating point are one line, not a trace."""
+    try:
+        return _scaling(args)
+    except (OverflowError, ZeroDivisionError) as exc:
+        raise LmlabError(f"these constants and sizes leave floating-point range ({exc}); check --params, "
+                         "--tokens, --compute and the exponents") from None
+
+
+def _scaling(args: argparse.Namespace) -> int:
     from lmlab.calc import scaling
 
     refuse_existing([args.plot], args.overwrite, "--plot")

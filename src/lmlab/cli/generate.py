@@ -20,6 +20,9 @@ from lmlab.errors import LmlabError
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from lmlab.chat import use_template, user_turn_ids
     from lmlab.generate import sample
     from lmlab.io import read_texts, write_jsonl, write_text
     from lmlab.sft import summary_prompt
@@ -34,9 +37,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.tldr:
         prompts = [summary_prompt(p) for p in prompts]
     config = sampling_config(args)
-    model, tokenizer, _ = load_model_or_run(args, device, dtype)
+    model, tokenizer, run_info = load_model_or_run(args, device, dtype)
+    # the run's own format: its recorded --chat-template; a --task chat run without one used the plain format
+    template = use_template(args.chat_template, tokenizer, model, run_info=run_info)
+    turns = template or run_info.get("task") == "chat"
+    inputs = [user_turn_ids(tokenizer, p, template) for p in prompts] if turns else prompts
     t0 = time.perf_counter()
-    outputs = sample(model, tokenizer, prompts, config, progress=not args.no_progress)
+    outputs = sample(model, tokenizer, inputs, replace(config, chat=False), progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     if args.first_line:
         outputs = [[t.strip().split("\n")[0].strip() for t in texts] for texts in outputs]

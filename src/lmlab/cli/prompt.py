@@ -60,10 +60,15 @@ class _Parts:
         return StrategyResult(**part["result"])
 
     def save(self, result) -> None:
-        from lmlab.io import write_json
+        import json
+
+        from lmlab.io import json_safe, write_text
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / f"{result.strategy}.json", {"key": self.key, "result": asdict(result)})
+        # not write_json, which sorts keys: a kept part's records must keep their order, so that the
+        # output file of a resumed run is byte for byte an uninterrupted run's
+        write_text(self.dir / f"{result.strategy}.json",
+                   json.dumps(json_safe({"key": self.key, "result": asdict(result)}), allow_nan=False) + "\n")
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -89,13 +94,14 @@ def cmd_prompt(args: argparse.Namespace) -> int:
     train = load_problems(args.dataset, "train") if needs_train else []
     if needs_train:
         exemplars(train, args.shots, args.seed)  # too few training problems: fail before loading the model
-    model, tokenizer, _ = load_model_or_run(args, device, dtype)
+    from lmlab.chat import has_template, use_template
+
+    model, tokenizer, run_info = load_model_or_run(args, device, dtype)
     name = args.run or args.model or DEFAULT_MODEL
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if args.chat_template == "on" and not has_template:
+    if args.chat_template == "on" and not has_template(tokenizer):
         raise LmlabError(f"{name} has no chat template; use --chat-template auto or off")
-    seq2seq = getattr(model.config, "is_encoder_decoder", False)
-    chat = args.chat_template == "on" or (args.chat_template == "auto" and has_template and not seq2seq)
+    # auto: as the --run trained (its run.json), else on where the tokenizer has a template (not seq2seq)
+    chat = use_template(args.chat_template, tokenizer, model, run_info=run_info, auto=True)
     parts = _Parts(args, chat, len(test), dtype_name(dtype)) if args.output else None
     results = []
     for n, strategy in enumerate(strategies, 1):
@@ -145,7 +151,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="which exemplars are drawn from train (0)")
     p.add_argument("--limit", type=positive_int, default=None, help="N problems drawn with a fixed seed")
     p.add_argument("--chat-template", default="auto", choices=["auto", "on", "off"],
-                   help="use the tokenizer's chat template (auto: when it has one and the model is not seq2seq)")
+                   help="use the tokenizer's chat template (auto: as the --run recorded, else when it has one and "
+                        "the model is not seq2seq)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--output", default=None, help="every prompt, generation and extracted answer as .jsonl")

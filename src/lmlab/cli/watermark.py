@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from lmlab.cli._args import (
     DEFAULT_MODEL,
     add_device_args,
     add_model_args,
+    finite_float,
     add_sampling_args,
     load_model_or_run,
     nonnegative_float,
     nonnegative_int,
     placement,
     positive_float,
+    positive_int,
     print_json,
     refuse_existing,
     sampling_config,
@@ -24,28 +25,63 @@ from lmlab.cli._args import (
 from lmlab.errors import LmlabError
 
 SCHEME_CHOICES = ("none", "no-e", "hard", "soft")
+SEEDING_CHOICES = ("simple_1", "lefthash", "selfhash", "hf-selfhash")  # lmlab.watermark.seeding.SCHEMES
 
 
 def _redlist_args(p: argparse.ArgumentParser, delta: bool = False) -> None:
     g = p.add_argument_group("red list (defaults: the reference implementation's simple_1 / LeftHash)")
-    g.add_argument("--gamma", type=positive_float, default=0.25, help="green share of the vocabulary (0.25)")
+    g.add_argument("--gamma", type=positive_float, default=None, help="green share of the vocabulary (0.25)")
     if delta:  # only generation adds it; detection counts green tokens whatever the penalty was
         g.add_argument("--delta", type=nonnegative_float, default=2.0, help="soft scheme: penalty of red logits (2.0)")
-    g.add_argument("--key", type=nonnegative_int, default=15485863, help="hash key (15485863)")
+    g.add_argument("--key", type=nonnegative_int, default=None, help="hash key (15485863)")
+    g.add_argument("--seeding-scheme", default="simple_1", choices=SEEDING_CHOICES,
+                   help="simple_1 = lefthash (the previous token seeds the list); selfhash: the reference's "
+                        "(anchored minhash over 3 previous tokens and the candidate); hf-selfhash: transformers' "
+                        "seeding_scheme='selfhash' (with --context-width, default 1)")
+    g.add_argument("--context-width", type=positive_int, default=None,
+                   help="hf-selfhash: tokens seeding each list, the candidate included (1)")
+    g.add_argument("--green-list", default=None, metavar="FILE.py:FUNCTION",
+                   help="your own green lists: f(prev_token_id, vocab_size) -> green token ids, from a Python "
+                        "file (which is run) or module:function; gamma is the share of green ids")
 
 
 def _redlist(args, tokenizer):
-    from lmlab.watermark import RedListConfig
+    from lmlab.watermark import DEFAULT_KEY, RedListConfig
 
+    if args.green_list is not None:
+        given = [flag for flag, value in (("--gamma", args.gamma), ("--key", args.key),
+                                          ("--context-width", args.context_width)) if value is not None]
+        if given or args.seeding_scheme != "simple_1":
+            raise LmlabError(f"--green-list sets the lists itself: drop {', '.join(given) or '--seeding-scheme'}")
+    options = {"vocab_size": len(tokenizer), "gamma": 0.25 if args.gamma is None else args.gamma,
+               "key": DEFAULT_KEY if args.key is None else args.key, "seeding_scheme": args.seeding_scheme,
+               "context_width": args.context_width, "green_list": args.green_list}
     if "delta" in args:
-        return RedListConfig(vocab_size=len(tokenizer), gamma=args.gamma, delta=args.delta, key=args.key)
-    return RedListConfig(vocab_size=len(tokenizer), gamma=args.gamma, key=args.key)
+        options["delta"] = args.delta
+    return RedListConfig(**options)
+
+
+def _scheme_list(text: str) -> list[str]:
+    schemes = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in schemes if s not in SCHEME_CHOICES]
+    if not schemes or bad:
+        raise argparse.ArgumentTypeError(f"schemes are {', '.join(SCHEME_CHOICES)} (comma-separated), got {text!r}")
+    return schemes
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(c) for c in text.split(",")]
+    except ValueError:
+        counts = []
+    if len(counts) != 4 or min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"give 4 counts >= 0 (none,no-e,hard,soft), got {text!r}")
+    return counts
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lmlab.generate import sample
     from lmlab.io import read_texts, save_npy, write_jsonl
-    from lmlab.watermark import make_processor
+    from lmlab.watermark.sampling import generate_schemes
 
     suffix = Path(args.output).suffix.lower()
     if suffix not in (".jsonl", ".npy"):
@@ -55,19 +91,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = read_texts(args.prompts, field="prompt")
     config = sampling_config(args)
     model, tokenizer, _ = load_model_or_run(args, device, dtype)
-    processor = make_processor(args.scheme, tokenizer, _redlist(args, tokenizer))
-    t0 = time.perf_counter()
-    outputs = sample(model, tokenizer, prompts, config, logits_processors=[processor] if processor else [],
-                     progress=not args.no_progress)
-    seconds = time.perf_counter() - t0
-    records = [{"prompt": p, "sample": k, "scheme": args.scheme, "text": text}
-               for p, texts in zip(prompts, outputs) for k, text in enumerate(texts)]
+    out = generate_schemes(model, tokenizer, prompts, args.schemes, config, _redlist(args, tokenizer),
+                           progress=not args.no_progress)
     if suffix == ".npy":
-        save_npy(args.output, [r["text"] for r in records])
+        save_npy(args.output, [r["text"] for r in out.records])
     else:
-        write_jsonl(args.output, records)
-    summary = {"texts": len(records), "scheme": args.scheme, "seconds": seconds, "output": args.output}
-    print_json(summary) if args.json else print(f"{len(records)} texts ({args.scheme}) in {seconds:.1f} s -> {args.output}")
+        write_jsonl(args.output, out.records)
+    names = ",".join(args.schemes)
+    ended = sum(out.ended_early.values())
+    summary = {"texts": len(out.records), "scheme": names, "schemes": args.schemes,
+               "max_new_tokens": config.max_new_tokens, "ended_early_by_eos": ended,
+               "ended_early_by_scheme": out.ended_early, "seconds": out.seconds, "output": args.output}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"{len(out.records)} texts ({names}; {ended} ended by the model before {config.max_new_tokens} tokens) "
+              f"in {out.seconds:.1f} s -> {args.output}")
     return 0
 
 
@@ -105,15 +144,24 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     from lmlab.io import read_texts, save_npy, write_json
     from lmlab.models import load_tokenizer
-    from lmlab.watermark import NAMES, ClassifyConfig, classify_texts
+    from lmlab.watermark import NAMES, ClassifyConfig, classify_counts, classify_texts
 
     if Path(args.output).suffix.lower() != ".npy":
         raise LmlabError(f"--output must end in .npy, got {args.output!r}")
     texts = read_texts(args.input)
+    if not texts:
+        raise LmlabError(f"{args.input}: no texts")
+    counts = [args.balanced] * 4 if args.balanced is not None else args.counts
+    if counts is not None and sum(counts) != len(texts):
+        raise LmlabError(f"counts {','.join(map(str, counts))} add up to {sum(counts)}, but {args.input} has "
+                         f"{len(texts)} texts")
     tokenizer = load_tokenizer(args.model)
-    decisions = classify_texts(texts, tokenizer, _redlist(args, tokenizer),
-                               ClassifyConfig(z_threshold=args.z_threshold, hard_fraction=args.hard_fraction),
-                               progress=not args.no_progress)
+    options = ClassifyConfig(z_threshold=args.z_threshold, hard_fraction=args.hard_fraction)
+    if counts is None:
+        decisions = classify_texts(texts, tokenizer, _redlist(args, tokenizer), options, progress=not args.no_progress)
+    else:
+        decisions = classify_counts(texts, tokenizer, counts, _redlist(args, tokenizer), options,
+                                    progress=not args.no_progress)
     report = args.report or str(Path(args.output).with_suffix(".json"))
     if Path(report).resolve() == Path(args.input).resolve():  # texts.json -> texts.npy: keep the input
         report = args.report or str(Path(args.output).with_suffix(".scores.json"))
@@ -136,9 +184,11 @@ def register(sub) -> None:
     wsub = p.add_subparsers(dest="watermark_command", required=True, metavar="ACTION")
 
     g = wsub.add_parser("generate", help="sample continuations of prompts under a watermark scheme")
-    g.add_argument("--scheme", required=True, choices=SCHEME_CHOICES,
-                   help="none (plain sampling), no-e (never an 'e'), hard (red tokens banned) or soft (red "
-                        "logits lowered by --delta)")
+    which = g.add_mutually_exclusive_group(required=True)
+    which.add_argument("--scheme", "--schemes", dest="schemes", type=_scheme_list, metavar="SCHEME[,SCHEME...]",
+                       help="none (plain sampling), no-e (never an 'e'), hard (red tokens banned) or soft (red "
+                            "logits lowered by --delta); a comma-separated list writes, for each scheme in turn, "
+                            "every prompt's texts")
     g.add_argument("--prompts", required=True,
                    help="prompts: .txt (one per line), .json list, .jsonl with a 'prompt' field, or .npy")
     g.add_argument("--output", required=True, help=".jsonl (prompt, sample, scheme, text) or .npy of strings")
@@ -158,7 +208,7 @@ def register(sub) -> None:
         d.add_argument("--input", required=True,
                        help="texts: .json list or {'texts': [...]}, .jsonl with 'text', .npy of strings, or .txt lines")
         d.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer (no weights are loaded)")
-        d.add_argument("--z-threshold", type=float, default=4.0,
+        d.add_argument("--z-threshold", type=finite_float, default=4.0,
                        help="z score from which a text counts as red-list watermarked")
         d.add_argument("--json", action="store_true")
         _redlist_args(d)
@@ -170,4 +220,10 @@ def register(sub) -> None:
                            help="green share above which watermarked text is hard (0.9)")
             d.add_argument("--no-progress", action="store_true")
             d.add_argument("--overwrite", action="store_true", help="replace an existing --output and --report")
+            known = d.add_mutually_exclusive_group()
+            known.add_argument("--balanced", type=nonnegative_int, default=None, metavar="N",
+                               help="exactly N texts of each kind: an optimal assignment over per-text costs "
+                                    "(never 0, undetermined)")
+            known.add_argument("--counts", type=_counts, default=None, metavar="NONE,NO-E,HARD,SOFT",
+                               help="exactly these many texts of each kind (e.g. 20,20,20,20)")
         d.set_defaults(func=func)

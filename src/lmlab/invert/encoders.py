@@ -208,10 +208,10 @@ def load_targets(path: str | Path, dim: int | None = None) -> torch.Tensor:
     if not torch.isfinite(data).all():
         rows = sorted(set(torch.nonzero(~torch.isfinite(data))[:, 0].tolist()))
         raise LmlabError(f"{path}: rows {rows[:5]} contain NaN or infinite values")
-    norms = data.norm(dim=1)
+    norms = data.double().norm(dim=1)  # in fp64: the norm of a row of 1e30s overflows fp32 (a zero row after)
     if (norms == 0).any():
         raise LmlabError(f"{path}: rows {torch.nonzero(norms == 0).flatten().tolist()[:5]} are zero vectors")
-    return data / norms[:, None]
+    return (data.double() / norms[:, None]).float()
 
 
 def check_dimension(targets: torch.Tensor, dim: int, path: str | Path = "embeddings") -> None:

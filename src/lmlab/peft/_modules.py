@@ -1,7 +1,9 @@
-"""Helpers every adaptation method shares: finding modules by name, freezing, counting."""
+"""Helpers every adaptation method shares: finding modules by name, freezing, counting, and
+peft's ``modules_to_save`` (a trainable full copy of a module)."""
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 
@@ -31,6 +33,28 @@ def find_modules(model: nn.Module, patterns: str | Sequence[str], kinds: tuple[t
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+class ModuleCopy(nn.Module):
+    """peft's ``modules_to_save``: a trainable full copy of a module (``modules_to_save``; e.g. the
+    LM head or the token embeddings) runs in its place, while the frozen ``original_module`` stays
+    for ``disabled`` (the base model, as DPO's reference). A tied head's copy is untied, as in peft."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = copy.deepcopy(module)
+        self.disabled = False
+
+    def forward(self, *args, **kwargs):
+        return (self.original_module if self.disabled else self.modules_to_save)(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        """Attributes of the copy (``weight``, ``num_embeddings``), so code that reads them still works."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("modules_to_save"), name)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -4,9 +4,13 @@ Each targeted projection W0 gets a trainable low-rank update (Eq. 3 of the paper
 
     h = W0 x + (alpha / r) * B A dropout(x),   A: (r, d_in) kaiming-uniform, B: (d_out, r) zeros,
 
-so the model is unchanged at initialisation. ``model.eval()`` merges B A into W0 (inference costs
-nothing extra) and ``model.train()`` restores W0 bit for bit. Adapters are saved and loaded in the
-Hugging Face PEFT format, so ``peft.PeftModel.from_pretrained`` reads them and lmlab reads peft's.
+so the model is unchanged at initialisation. Options, as in peft: rsLoRA's scale alpha / sqrt(r)
+(Kalajdzievski 2023), DoRA's magnitude and direction (``lmlab.peft.dora``), ``"all-linear"``
+targets and ``modules_to_save`` (trainable full copies, e.g. of the LM head).
+
+``model.eval()`` merges B A into W0 (inference costs nothing extra) and ``model.train()`` restores
+W0 bit for bit. Adapters are saved and loaded in the Hugging Face PEFT format, so
+``peft.PeftModel.from_pretrained`` reads them and lmlab reads peft's.
 """
 
 from __future__ import annotations
@@ -25,11 +29,15 @@ from transformers.pytorch_utils import Conv1D
 from lmlab.errors import LmlabError
 from lmlab.io import load_tensors, read_json, save_tensors, write_json
 from lmlab.models import model_spec
-from lmlab.peft._modules import find_modules, freeze
+from lmlab.peft import dora
+from lmlab.peft._modules import ModuleCopy, find_modules, freeze, name_matches
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
+ALL_LINEAR = "all-linear"  # peft's shorthand: every Linear / Conv1D but the output head
+# The names of every parameter LoRA trains (a modules_to_save copy holds whole modules).
+_OWN = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".modules_to_save.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,15 +46,22 @@ class LoraConfig:
 
     r: rank of the update B A. alpha: scale numerator, the update is multiplied by alpha / r; None
     is ``default_alpha(r)`` = 4r. dropout: dropout on the LoRA branch's input. target_modules:
-    module-name suffixes (a list) or a full-name regex (a string), as in peft; None targets the
-    attention query/key/value projections. These defaults are lmlab's, for params, finetune, dpo
-    and sweep alike.
+    module-name suffixes (a list) or a full-name regex (a string), as in peft; ``"all-linear"`` is
+    every Linear / Conv1D but the LM head; None targets the attention query/key/value projections.
+    use_rslora: scale by alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023) instead of alpha / r.
+    use_dora: DoRA (Liu et al. 2024), a trainable magnitude per output (``lmlab.peft.dora``).
+    modules_to_save: module-name suffixes of modules trained in full as copies (peft's
+    ``modules_to_save``; e.g. ``lm_head``, ``embed_tokens``/``wte``), saved in the adapter.
+    These defaults are lmlab's, for params, finetune, dpo and sweep alike.
     """
 
     r: int = 128
     alpha: float | None = None
     dropout: float = 0.05
     target_modules: str | tuple[str, ...] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if not isinstance(self.r, int) or self.r <= 0:
@@ -59,6 +74,11 @@ class LoraConfig:
             raise LmlabError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         if isinstance(self.target_modules, list):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.modules_to_save, str):  # "lm_head,wte", as the command line gives it
+            object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save.split(",")))
+        if self.modules_to_save is not None:
+            names = tuple(n.strip() for n in self.modules_to_save if n.strip())
+            object.__setattr__(self, "modules_to_save", names or None)
 
 
 def default_alpha(r: int) -> float:
@@ -68,9 +88,11 @@ def default_alpha(r: int) -> float:
 
 
 class LoraLayer(nn.Module):
-    """Wraps a ``nn.Linear`` or GPT-2 ``Conv1D`` (``base_layer``) and adds ``scale * B(A(dropout(x)))``."""
+    """Wraps a ``nn.Linear`` or GPT-2 ``Conv1D`` (``base_layer``) and adds ``scale * B(A(dropout(x)))``
+    (with ``use_dora``, DoRA's update instead; see ``lmlab.peft.dora``)."""
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool = False,
+                 use_dora: bool = False):
         super().__init__()
         self.base_layer = base_layer
         self.fan_in_fan_out = isinstance(base_layer, Conv1D)  # Conv1D stores W as (d_in, d_out)
@@ -87,28 +109,53 @@ class LoraLayer(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        # rsLoRA (Kalajdzievski 2023): alpha / sqrt(r) keeps the update's scale stable as r grows
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self._w0: torch.Tensor | None = None  # the unmerged W0 while merged, to restore it exactly
         self.disabled = False  # True: behave as the base layer (DPO's reference model, see ``disabled``)
+        magnitude = None
+        if use_dora:  # m = ||W0 + s B A||_c = ||W0||_c at init (B = 0): the model is unchanged
+            if self.quantized:
+                raise LmlabError("DoRA on a 4/8-bit quantised base is not supported; load the base in bf16 or fp32")
+            magnitude = nn.Parameter(dora.weight_norm(self._out_in(w.data), self._out_in(self.delta_weight())))
+        self.register_parameter("lora_magnitude_vector", magnitude)  # peft's name: (d_out,)
 
     @property
     def merged(self) -> bool:
         return self._w0 is not None
 
+    def _out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight laid out like ``base_layer.weight`` as (d_out, d_in), and back (a transpose, or none)."""
+        return weight.T if self.fan_in_fan_out else weight
+
+    def base_weight(self) -> torch.Tensor:
+        """W0, merged or not."""
+        return self._w0 if self.merged else self.base_layer.weight
+
     def delta_weight(self) -> torch.Tensor:
         """scale * B A, laid out like ``base_layer.weight``."""
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (d_out, d_in)
-        return delta.T if self.fan_in_fan_out else delta
+        return self._out_in(delta)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + scale * B A, or DoRA's m (W0 + scale * B A) / ||W0 + scale * B A||_c, in W0's layout and dtype."""
+        w0 = self.base_weight().data
+        delta = self.delta_weight().to(w0.dtype)
+        if self.lora_magnitude_vector is None:
+            return w0 + delta
+        magnitude = self.lora_magnitude_vector.to(w0.dtype)
+        return self._out_in(dora.merged_weight(self._out_in(w0), self._out_in(delta), magnitude))
 
     def merge(self) -> None:
-        """W <- W0 + scale * B A (in W0's dtype); W0 is kept (not recomputed by subtraction) so
-        unmerge is exact. A quantised W0 is never merged: its forward adds the LoRA branch instead."""
+        """W <- ``merged_weight()``; W0 is kept (not recomputed by subtraction) so unmerge is exact.
+        A quantised W0 is never merged: its forward adds the LoRA branch instead."""
         if self.merged or self.quantized:
             return
-        weight = self.base_layer.weight
-        self._w0 = weight.data
         with torch.no_grad():
-            weight.data = self._w0 + self.delta_weight().to(self._w0.dtype)
+            merged = self.merged_weight()
+        self._w0 = self.base_layer.weight.data
+        self.base_layer.weight.data = merged
 
     def unmerge(self) -> None:
         if self.merged:
@@ -133,8 +180,24 @@ class LoraLayer(nn.Module):
         # Unmerged path; while merged (training in eval mode) it uses the saved W0.
         base = self.base_layer(x) if not self.merged else self._project(x, self._w0)
         # LoRA may hold fp32 weights beside a bf16 / quantised base (mixed precision, QLoRA)
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+        x = x.to(self.lora_A.weight.dtype)
+        if self.lora_magnitude_vector is not None:
+            return base + self._dora_update(x, base).to(base.dtype)
+        update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
         return base + update.to(base.dtype)
+
+    def _dora_update(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """DoRA's (m/n - 1) W0 x' + (m/n) s B A x' with x' = dropout(x), as peft computes it: without
+        dropout W0 x is the base output less its bias, with it W0 x' is computed again."""
+        w0 = self._out_in(self.base_weight()).to(x.dtype)  # (d_out, d_in)
+        bias = self.base_layer.bias
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            w0_x = base - bias if bias is not None else base
+        else:
+            x = self.lora_dropout(x)
+            w0_x = F.linear(x, w0)
+        norm = dora.weight_norm(w0, (self.lora_B.weight @ self.lora_A.weight) * self.scaling)
+        return dora.update(w0_x, self.lora_B(self.lora_A(x)), self.lora_magnitude_vector, norm, self.scaling)
 
     def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         bias = self.base_layer.bias
@@ -145,27 +208,57 @@ class LoraLayer(nn.Module):
 
 
 def apply(model: nn.Module, config: LoraConfig) -> nn.Module:
-    """Wrap every targeted projection of ``model`` in a ``LoraLayer``; only LoRA weights stay trainable."""
+    """Wrap every targeted projection of ``model`` in a ``LoraLayer`` and each of ``modules_to_save``
+    in a ``ModuleCopy``; only their LoRA weights and copies stay trainable."""
     targets = config.target_modules or model_spec(model.config).qkv
-    names = find_modules(model, targets, (nn.Linear, Conv1D))
+    is_all = isinstance(targets, str) and targets.lower() == ALL_LINEAR
+    names = all_linear(model) if is_all else find_modules(model, targets, (nn.Linear, Conv1D))
     freeze(model)
     for name in names:
-        layer = LoraLayer(model.get_submodule(name), config.r, config.alpha, config.dropout)
+        layer = LoraLayer(model.get_submodule(name), config.r, config.alpha, config.dropout,
+                          use_rslora=config.use_rslora, use_dora=config.use_dora)
         model.set_submodule(name, layer)
         layer.train(model.training)
+    for name in _saved_modules(model, config.modules_to_save or ()):
+        model.set_submodule(name, ModuleCopy(model.get_submodule(name)))
     mark_only_lora_as_trainable(model)
     return model
+
+
+def all_linear(model: nn.Module) -> list[str]:
+    """peft's ``target_modules="all-linear"``: every Linear / Conv1D but the output head."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head else None
+    return [n for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, Conv1D)) and m is not head]
+
+
+def _saved_modules(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """The modules ``modules_to_save`` names (outermost matches; not one LoRA already adapts)."""
+    if not patterns:
+        return []
+    names = [n for n, _ in model.named_modules() if n and name_matches(n, patterns)]
+    if not names:
+        raise LmlabError(f"modules_to_save {list(patterns)} matches no module in {type(model).__name__}")
+    adapted = lora_layers(model)
+    for name in names:
+        if any(name == n or name.startswith(n + ".") or n.startswith(name + ".") for n in adapted):
+            raise LmlabError(f"modules_to_save {name!r} is also a LoRA target (or holds one); choose one of the two")
+    return [n for n in names if not any(n.startswith(m + ".") for m in names)]
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
+def module_copies(model: nn.Module) -> dict[str, ModuleCopy]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ModuleCopy)}
+
+
 @contextmanager
 def disabled(model: nn.Module):
     """Run ``model`` as its base model (W0 only) inside the block: DPO's reference policy without a
     second copy of the weights (peft's ``disable_adapter``)."""
-    layers = list(lora_layers(model).values())
+    layers = [*lora_layers(model).values(), *module_copies(model).values()]
     for layer in layers:
         layer.disabled = True
     try:
@@ -177,17 +270,19 @@ def disabled(model: nn.Module):
 
 def mark_only_lora_as_trainable(model: nn.Module) -> None:
     for name, p in model.named_parameters():
-        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+        p.requires_grad_(any(k in name for k in _OWN))
 
 
 def lora_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
-    """Only the LoRA weights, under their module names (``...c_attn.lora_A.weight``)."""
+    """Only the trained weights, under their module names (``...c_attn.lora_A.weight``,
+    ``...c_attn.lora_magnitude_vector``, ``lm_head.modules_to_save.weight``)."""
     state = model.state_dict() if state_dict is None else state_dict
-    return {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+    return {k: v for k, v in state.items() if any(s in k for s in _OWN)}
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every ``LoraLayer`` by its base layer with B A merged in: a plain transformers model."""
+    """Replace every ``LoraLayer`` by its base layer with B A merged in, and every ``ModuleCopy`` by
+    its trained copy: a plain transformers model."""
     if any(layer.quantized for layer in lora_layers(model).values()):
         raise LmlabError("cannot merge LoRA into a 4/8-bit quantised base (the sum is not representable in "
                          "its quantised weights); load the base in bf16 or fp32 to merge")
@@ -195,6 +290,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         layer.merge()
         layer._w0 = None
         model.set_submodule(name, layer.base_layer)
+    for name, saved in module_copies(model).items():
+        model.set_submodule(name, saved.modules_to_save)
     return model
 
 
@@ -221,11 +318,14 @@ def save(model: nn.Module, out_dir: str | Path, state_dict: dict | None = None) 
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
         "lora_dropout": getattr(first.lora_dropout, "p", 0.0), "target_modules": _target_modules(model, list(layers)),
         "fan_in_fan_out": first.fan_in_fan_out, "bias": "none", "inference_mode": True,
-        "init_lora_weights": True, "modules_to_save": None, "use_dora": False, "use_rslora": False,
+        "init_lora_weights": True, "modules_to_save": sorted(module_copies(model)) or None,
+        "use_dora": first.lora_magnitude_vector is not None, "use_rslora": first.use_rslora,
         "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": getattr(model, "name_or_path", None),
     }
-    save_tensors(out_dir / ADAPTER_WEIGHTS, {_PEFT_PREFIX + k: v for k, v in lora_state_dict(model, state_dict).items()},
-                 metadata={"format": "pt"})
+    # peft saves a copy's weights under the module's own name (``lm_head.weight``)
+    weights = {_PEFT_PREFIX + k.replace(".modules_to_save.", "."): v
+               for k, v in lora_state_dict(model, state_dict).items()}
+    save_tensors(out_dir / ADAPTER_WEIGHTS, weights, metadata={"format": "pt"})
     write_json(out_dir / ADAPTER_CONFIG, config)
     return out_dir
 
@@ -235,7 +335,7 @@ def read_config(adapter_dir: str | Path) -> LoraConfig:
     raw = read_json(Path(adapter_dir) / ADAPTER_CONFIG)
     if raw.get("peft_type") != "LORA":
         raise LmlabError(f"{adapter_dir} holds a {raw.get('peft_type')} adapter, not LoRA")
-    for key in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save"):
+    for key in ("rank_pattern", "alpha_pattern", "ensure_weight_tying"):
         if raw.get(key):
             raise LmlabError(f"{adapter_dir}: peft option {key}={raw[key]!r} is not supported by lmlab")
     if raw.get("bias", "none") != "none":
@@ -244,6 +344,8 @@ def read_config(adapter_dir: str | Path) -> LoraConfig:
     return LoraConfig(
         r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
         target_modules=targets if isinstance(targets, str) else tuple(targets or ()) or None,
+        use_rslora=bool(raw.get("use_rslora")), use_dora=bool(raw.get("use_dora")),
+        modules_to_save=tuple(raw.get("modules_to_save") or ()) or None,
     )
 
 
@@ -253,14 +355,21 @@ def load(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         apply(model, read_config(adapter_dir))
     except LmlabError as exc:
         raise LmlabError(f"adapter {adapter_dir} does not fit this model (made for another model?): {exc}") from None
-    weights = load_tensors(Path(adapter_dir) / ADAPTER_WEIGHTS)
-    weights = {k.removeprefix(_PEFT_PREFIX).replace(".default.weight", ".weight"): v for k, v in weights.items()}
+    copies = list(module_copies(model))
+
+    def own_name(key: str) -> str:  # peft's key -> ours: the adapter name out, a copy's name back in
+        key = key.removeprefix(_PEFT_PREFIX).replace(".default.weight", ".weight")
+        key = key.replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
+        copy = next((c for c in copies if key.startswith(c + ".") and ".modules_to_save." not in key), None)
+        return f"{copy}.modules_to_save.{key[len(copy) + 1:]}" if copy else key
+
+    weights = {own_name(k): v for k, v in load_tensors(Path(adapter_dir) / ADAPTER_WEIGHTS).items()}
     load_state(model, weights, str(adapter_dir))
     return model
 
 
 def load_state(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``weights`` into the model's LoRA parameters, checking names and shapes first."""
+    """Copy ``weights`` into the model's trained parameters, checking names and shapes first."""
     own = lora_state_dict(model)
     missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
     if missing or unexpected:

@@ -1,16 +1,22 @@
 """Watermarks for generated text: the no-'e' lipogram and Kirchenbauer et al.'s hard and soft red
-lists, as transformers ``LogitsProcessor``s; their detector; and a classifier telling the four
-kinds of text apart (``classify``)."""
+lists (any seeding scheme, or a user's own green lists: ``seeding``), as transformers
+``LogitsProcessor``s; their detector; and a classifier telling the four kinds of text apart
+(``classify``; with known counts per kind, by an optimal assignment: ``assign``)."""
 
 from __future__ import annotations
 
 from lmlab.errors import LmlabError
+from lmlab.watermark.assign import assign_counts, hungarian
 from lmlab.watermark.classify import (
     NAMES,
     ClassifyConfig,
     Decision,
+    Features,
+    class_costs,
+    classify_counts,
     classify_text,
     classify_texts,
+    text_features,
 )
 from lmlab.watermark.noe import NoELogitsProcessor, banned_mask
 from lmlab.watermark.redlist import (
@@ -22,16 +28,20 @@ from lmlab.watermark.redlist import (
     detect_ids,
     green_ids,
     p_value,
+    scored_tokens,
     text_ids,
     z_score,
 )
+from lmlab.watermark.seeding import SCHEMES as SEEDING_SCHEMES
+from lmlab.watermark.seeding import Seeding, load_green_list, seeding
 
 SCHEMES = ("none", "no-e", "hard", "soft")
 
-__all__ = ["DEFAULT_KEY", "NAMES", "SCHEMES", "ClassifyConfig", "Decision", "Detection", "GreenLists",
-           "NoELogitsProcessor", "RedListConfig", "RedListLogitsProcessor", "banned_mask", "classify_text",
-           "classify_texts", "detect_ids", "detect_text", "green_ids", "make_processor", "p_value", "text_ids",
-           "z_score"]
+__all__ = ["DEFAULT_KEY", "NAMES", "SCHEMES", "SEEDING_SCHEMES", "ClassifyConfig", "Decision", "Detection",
+           "Features", "GreenLists", "NoELogitsProcessor", "RedListConfig", "RedListLogitsProcessor", "Seeding",
+           "assign_counts", "banned_mask", "class_costs", "classify_counts", "classify_text", "classify_texts",
+           "detect_ids", "detect_text", "green_ids", "hungarian", "load_green_list", "make_processor", "p_value",
+           "scored_tokens", "seeding", "text_features", "text_ids", "z_score"]
 
 
 def make_processor(scheme: str, tokenizer, redlist: RedListConfig | None = None):

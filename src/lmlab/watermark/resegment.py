@@ -38,12 +38,19 @@ def _is_byte_level(tokenizer) -> bool:
 def greenest_ids(text: str, tokenizer, lists: GreenLists, max_chars: int = 4000) -> list[int] | None:
     """A segmentation of ``text`` into vocabulary ids with the fewest red (previous, current) pairs.
 
-    Returns None for tokenizers that are not byte-level and texts over ``max_chars`` characters.
+    Returns None for tokenizers that are not byte-level, texts over ``max_chars`` characters and
+    lists seeded by more than one previous token.
     States ``(cut, last token)`` more than ``SLACK`` reds behind the best state at
     the same cut are pruned, which keeps the search linear in practice.
     """
-    if not _is_byte_level(tokenizer) or len(text) > max_chars:
-        return None
+    if not _is_byte_level(tokenizer) or len(text) > max_chars or lists.context > 1:
+        return None  # (lists seeded by several previous tokens would need them all in the state)
+    if lists.self_salt:  # hf-selfhash with width 1 or 2: the candidate (and the previous token)
+        def green(prev: int, token: int) -> bool:
+            return lists.is_green(prev, token)
+    else:
+        def green(prev: int, token: int) -> bool:
+            return bool(lists.mask(prev)[token])
     chars = _byte_chars()
     s = "".join(chars[b] for b in text.encode("utf-8"))
     vocab = tokenizer.get_vocab()
@@ -64,7 +71,7 @@ def greenest_ids(text: str, tokenizer, lists: GreenLists, max_chars: int = 4000)
             if token is None or token >= size:
                 continue
             for prev, cost in live:
-                new = cost + (0 if lists.mask(prev)[token] else 1)
+                new = cost + (0 if green(prev, token) else 1)
                 if token not in states[j] or new < states[j][token][0]:
                     states[j][token] = (new, (i, prev))
     if not states[len(s)]:
