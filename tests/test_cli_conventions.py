@@ -374,3 +374,49 @@ def test_generate_takes_a_peft_adapter_folder_or_hub_id(tiny_model_dir, tmp_path
                  "--output", str(tmp_path / "o2.txt"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not in the local cache (the hub is unreachable)" in err, err
+
+
+def test_evaluate_of_a_dpo_run_scores_classification(tmp_path):
+    from lmlab.cli import evaluate_options
+
+    (tmp_path / "run.json").write_text(json.dumps({"task": "dpo", "model": "m", "options": {"data": "p.jsonl"}}))
+    args = build_parser().parse_args(["evaluate", str(tmp_path)])
+    assert evaluate_options(args).task == "classification"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--output", "x.json"], "are for --task summarization, not completion"),
+    (["--decoding", "sample"], "are for classification"),
+])
+def test_evaluate_refuses_options_a_task_would_ignore(extra, message, tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world " * 50)
+    assert main(["evaluate", "--task", "completion", "--dataset", str(corpus), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_leftovers_cleared_are_only_lmlabs(tmp_path):
+    from lmlab import checkpoint
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in (".last.abc123.tmp", ".metrics.jsonl.x1.tmp", ".notes.tmp", ".config.old", "config", "last",
+                 ".last.old"):
+        (out / name).mkdir() if name in ("last", ".last.old", ".last.abc123.tmp") else (out / name).write_text("x")
+    assert checkpoint.lock_out_dir(out)
+    try:
+        checkpoint.clear_leftovers(out)
+    finally:
+        checkpoint.unlock_out_dir(out)
+    assert sorted(p.name for p in out.iterdir()) == [".config.old", ".lmlab.lock", ".notes.tmp", "config", "last"]
+
+
+def test_a_refused_run_releases_its_folder(tiny_model_dir, tmp_path, capsys):
+    """--resume on a folder with no run: refused, no folder left, and no lock kept by this process."""
+    from lmlab import checkpoint
+
+    out = tmp_path / "typo"
+    assert main(["finetune", "--model", tiny_model_dir, "--resume", "--out-dir", str(out), "--no-progress"]) == 2
+    assert "no checkpoint to resume" in capsys.readouterr().err
+    assert not out.exists() and out.resolve() not in checkpoint._held

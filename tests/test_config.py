@@ -88,3 +88,9 @@ def test_run_json_repeats_the_run(tiny_model_dir, toy_dataset, tmp_path, capsys)
     losses = [[row.get("val_loss") for row in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
               for d in (first, second)]
     assert losses[0] == losses[1] and any(v is not None for v in losses[0])
+
+
+def test_yaml_on_and_off_are_choices_not_booleans(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("chat-template: off\n")
+    assert parsed(["finetune", "--config", str(path)]).chat_template == "off"

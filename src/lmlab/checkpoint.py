@@ -175,12 +175,16 @@ def clear_leftovers(out: Path) -> None:
     (``io.committed_dir``)."""
     import shutil
 
+    import re
+
     if out.resolve() not in _held:
         return
+    ours = r"(last|best|run\.json|metrics\.jsonl|trainer_state\.json|loss\.png|dpo\.png|result\.json" \
+           r"|results\.csv|results\.md|val_loss\.png)"  # only what lmlab writes: --out-dir may be anyone's
     for entry in out.iterdir():
         name = entry.name
-        if name.startswith(".") and (name.endswith(".tmp") or ".rank-optimizers." in name
-                                     or (name.endswith(".old") and (out / name[1:-4]).exists())):
+        if (re.fullmatch(rf"\.{ours}\..+\.tmp", name) or re.fullmatch(r"\.(last|best)\.rank-optimizers\..*", name)
+                or (re.fullmatch(r"\.(last|best)\.old", name) and (out / name[1:-4]).exists())):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -197,11 +201,11 @@ def run_dir(cfg: TrainConfig):
     out = Path(cfg.out_dir)
     fresh = not out.exists()
     taken = Path(out).resolve() not in _held
-    check_out_dir(cfg)
     try:
+        check_out_dir(cfg)
         yield out
     except BaseException:
-        if fresh and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
+        if fresh and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_FILE}:
             unlock_out_dir(out)
             shutil.rmtree(out, ignore_errors=True)
         raise

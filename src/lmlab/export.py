@@ -138,8 +138,13 @@ def _write_model(checkpoint: Path, base: str, dtype: str, out: Path) -> str:
 
     dtype = _base_dtype(base) if dtype == "auto" else dtype
     model, tokenizer, _ = load_checkpoint(checkpoint, base, device="cpu", dtype=torch.float32)
-    if lora.lora_layers(model) or lora.module_copies(model):
+    copies = lora.module_copies(model)
+    if lora.lora_layers(model) or copies:
         lora.merge_and_unload(model)
+    if copies and getattr(model.config, "tie_word_embeddings", False):
+        # a trained copy of the LM head or the embeddings unties them; tied, from_pretrained would
+        # overwrite one with the other
+        model.config.tie_word_embeddings = False
     model.to(DTYPES[dtype])
     with _no_progress_bar():
         model.save_pretrained(out, safe_serialization=True)

@@ -71,9 +71,13 @@ def did_you_mean(name: str, known) -> str:
 
 
 def looks_like_hub_id(name: str) -> bool:
-    """``owner/name`` with no file suffix and no path syntax: what the hub names a repo."""
+    """``owner/name`` with no file suffix and no path syntax: what the hub names a repo, and not a
+    local path whose folder exists (``runs/finetune`` mistyped is "no checkpoint", not a download)."""
     import re
+    from pathlib import Path
 
+    if Path(name.split("/")[0]).exists():
+        return False
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) is not None and not name.endswith(
         (".json", ".jsonl", ".txt", ".safetensors"))
 
@@ -87,7 +91,11 @@ def download_adapter(repo_id: str):
 
     from lmlab.errors import LmlabError
 
+    import sys
+
     reachable = hub_reachable()
+    if reachable:  # say where weights come from before anything is downloaded
+        print(f"lmlab: {repo_id} is not a local folder: fetching the adapter from the hub", file=sys.stderr)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["adapter_config.json", "adapter_model.safetensors",
                                                                 "*.json", "*.model", "*.txt"],

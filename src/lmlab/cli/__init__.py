@@ -198,7 +198,7 @@ def evaluate_options(args: argparse.Namespace) -> argparse.Namespace:
     record = run_record(args.checkpoint) if args.checkpoint else {}
     recorded = record.get("options") or {}
     if record.get("task") == "dpo":  # preference pairs: scored as a classifier on --dataset
-        recorded = {}
+        recorded, record = {}, {k: v for k, v in record.items() if k != "task"}
     given = vars(args)
     task = given["task"] or recorded.get("task") or record.get("task") or "classification"
     defaults = {"dataset": None, "block_size": 128, "val_fraction": 0.1, "summary_column": "summary",
@@ -326,10 +326,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         return harness.cli_evaluate(args, lambda: load_model_or_run(args, *placement(args), run=args.checkpoint)[:2])
     args = evaluate_options(args)
+    if args.task != "summarization" and (args.predictions or args.references or args.output):
+        raise LmlabError(f"--predictions, --references and --output are for --task summarization, not {args.task}")
+    if args.task != "classification" and (args.decoding == "sample" or args.full_text):
+        raise LmlabError(f"--decoding sample and --full-text are for classification; {args.task} is scored "
+                         + ("from greedy summaries" if args.task == "summarization" else "by its loss"))
     if args.task != "classification":
         return cmd_evaluate_generation_task(args)
-    if args.predictions or args.references or args.output:
-        raise LmlabError("--predictions, --references and --output are for --task summarization")
     args.split = args.split or "test"
     if args.decoding == "sample" and args.scoring:
         raise LmlabError("--decoding sample generates; --scoring compares label likelihoods without generating")

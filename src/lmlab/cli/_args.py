@@ -185,9 +185,13 @@ def load_model_or_run(args: argparse.Namespace, device, dtype, run: str | None =
     """(model, tokenizer, run_info) of ``--run`` (or ``run``) on ``--model``, else of the base model."""
     run = run if run is not None else getattr(args, "run", None)
     if run:
+        from lmlab.evaluate import run_record
         from lmlab.train import load_checkpoint
 
-        return load_checkpoint(run, args.model, device=device, dtype=dtype)
+        from pathlib import Path
+
+        bits = run_record(run).get("bits") if Path(run).exists() else None  # a QLoRA run: its 4/8-bit base
+        return load_checkpoint(run, args.model, device=device, dtype=dtype, bits=bits)
     from lmlab.models import load_model
 
     model, tokenizer = load_model(args.model or DEFAULT_MODEL, device=device, dtype=dtype)

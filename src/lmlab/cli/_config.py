@@ -1,7 +1,8 @@
 """``--config FILE``: a command's options from a TOML, YAML or JSON file.
 
 Keys are the flag names (``lr``, ``max-iters`` or ``max_iters``; a positional by its name); a flag
-on the command line wins over the file; an unknown key is an error that names it. A run's
+on the command line wins over the file (a switch the file turns on stays on: argparse switches
+have no ``--no-`` form); an unknown key is an error that names it. A run's
 ``run.json`` is itself a config (its ``options``), so ``--config RUN/run.json --out-dir NEW``
 repeats the run.
 """
@@ -133,6 +134,8 @@ def _value(action: argparse.Action, value, key, path):
 
 
 def _one(action: argparse.Action, value, key, path):
+    if isinstance(value, bool) and action.choices is not None and {"on", "off"} <= set(action.choices):
+        value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
     if action.type is not None:
         try:
             value = action.type(str(value) if not isinstance(value, str) else value)
