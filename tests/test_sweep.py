@@ -60,7 +60,10 @@ def test_tiny_sweep_end_to_end_and_skip_on_rerun(tiny_model_dir, small_dataset, 
     assert run_info["eval_limit"] == 8  # --eval-limit: validation examples per pass, as in finetune
     evaluated = json.loads((tmp_path / rows[0]["run"] / "result.json").read_text())["eval_best"]
     assert evaluated["n"] == 16  # the accuracy columns: the whole test split (no --accuracy-limit)
-    assert (tmp_path / "results.md").read_text().count("lora-r") == 2
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("lora-r") == 2
+    first = evaluated
+    assert f"{100 * first['correct'] / first['n']:.1f} % ({first['correct']}/{first['n']})" in table  # one way
     assert (tmp_path / "results.csv").read_text().startswith("run,method,rank,alpha")
     assert (tmp_path / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
     assert main(argv) == 0

@@ -259,9 +259,20 @@ def write_tables(sweep_dir: str | Path, rows: list[dict]) -> tuple[Path, Path]:
     writer.writerows(rows)
     write_text(sweep_dir / "results.csv", buf.getvalue())
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(_cell(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    md += ["| " + " | ".join(_accuracy(r, c) or _cell(r.get(c)) for c in COLUMNS) + " |" for r in rows]
     write_text(sweep_dir / "results.md", "\n".join(md) + "\n")
     return sweep_dir / "results.csv", sweep_dir / "results.md"
+
+
+def _accuracy(row: dict, column: str) -> str | None:
+    """An accuracy column as every command prints accuracy (``84.5 % (169/200)``); the CSV keeps
+    the fraction."""
+    from lmlab.evaluate import format_accuracy
+
+    result = row.get({"acc_best": "eval_best", "acc_last": "eval_last"}.get(column, ""))
+    if not isinstance(result, dict) or "correct" not in result or "n" not in result:
+        return None
+    return format_accuracy(result["correct"], result["n"])
 
 
 def _cell(value) -> str:
