@@ -13,7 +13,6 @@ with YAML front matter: base model, method and settings, training data, metrics,
 from __future__ import annotations
 
 import shlex
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from lmlab import peft
 from lmlab.errors import LmlabError
 from lmlab.io import atomic_dir, committed_dir, load_tensors, read_json, save_tensors, write_json, write_text
+from lmlab.progress import transformers_bars_off
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Hub ids of the embedded models (lmlab ships their weights as GGUF; the card names the original).
@@ -146,26 +146,12 @@ def _write_model(checkpoint: Path, base: str, dtype: str, out: Path) -> str:
         # overwrite one with the other
         model.config.tie_word_embeddings = False
     model.to(DTYPES[dtype])
-    with _no_progress_bar():
+    with transformers_bars_off():
         model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     if not (out / "generation_config.json").exists():
         GenerationConfig.from_model_config(model.config).save_pretrained(out)
     return dtype
-
-
-@contextmanager
-def _no_progress_bar():
-    """transformers draws a "Writing model shards" bar even when stderr is no terminal."""
-    from transformers.utils import logging
-
-    was_enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            logging.enable_progress_bar()
 
 
 def _write_method_files(checkpoint: Path, method: str, base: str, dtype: str, out: Path) -> str:

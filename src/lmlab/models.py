@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,6 +277,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device="cpu", dtype=None, b
     )
 
     from lmlab.devices import quantization_config
+    from lmlab.progress import transformers_bars_off
 
     device = torch.device(device)
     dtype = dtype or torch.float32
@@ -288,7 +288,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device="cpu", dtype=None, b
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
-        with _quiet_weight_loading():
+        with transformers_bars_off():  # a local load takes under a second
             model = auto.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     except (pickle.UnpicklingError, SafetensorError) as exc:  # .bin weights: torch.load(weights_only=True)
         why = ("holds pickled Python objects besides tensors, which lmlab does not load (save the model as "
@@ -302,20 +302,6 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device="cpu", dtype=None, b
         model.to(device)
     model.eval()
     return contiguous_head_input(model), tokenizer
-
-
-@contextmanager
-def _quiet_weight_loading():
-    """No "Loading weights" bar for a local load (under a second here); restored afterwards."""
-    from transformers.utils import logging
-
-    was_enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            logging.enable_progress_bar()
 
 
 def _not_found(name: str, exc: Exception) -> str:

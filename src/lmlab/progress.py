@@ -3,6 +3,8 @@ noise, and a bar never shares a line with a warning (the CLI prints warnings thr
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 
 def bar(iterable=None, *, total: int | None = None, enabled: bool = True, desc: str | None = None,
         unit: str = "it", initial: int = 0):
@@ -12,3 +14,18 @@ def bar(iterable=None, *, total: int | None = None, enabled: bool = True, desc: 
 
     return tqdm(iterable, total=total, initial=initial, disable=None if enabled else True, desc=desc, unit=unit,
                 dynamic_ncols=True)
+
+
+@contextmanager
+def transformers_bars_off():
+    """No transformers progress bar ("Loading weights", "Writing model shards") inside the block,
+    which it would draw even when stderr is no terminal; restored afterwards."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
