@@ -127,7 +127,8 @@ def load_encoder(name: str = "minilm", *, device: torch.device | str = "cpu", dt
         CLIPTextModelWithProjection,
     )
 
-    from lmlab.models import _quiet_weight_loading, resolve
+    from lmlab.models import resolve
+    from lmlab.progress import transformers_bars_off
 
     if name == "minilm":
         source = str(_minilm_dir())
@@ -141,7 +142,7 @@ def load_encoder(name: str = "minilm", *, device: torch.device | str = "cpu", dt
     try:
         config = AutoConfig.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        with _quiet_weight_loading():
+        with transformers_bars_off():
             if config.model_type in ("clip", "clip_text_model"):
                 model = CLIPTextModelWithProjection.from_pretrained(source, dtype=dtype).to(device)
                 return TextEncoder(model, tokenizer, "clip", source=source, max_length=77)
