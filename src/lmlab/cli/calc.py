@@ -257,12 +257,15 @@ def register(sub) -> None:
     p = sub.add_parser("memory", help="storage for K task-adapted copies: full, chosen matrices, LoRA")
     p.add_argument("--model", default="gpt3-175b",
                    help="gpt3-175b (default), llama-7b, or what lmlab params --model takes: gpt2, gpt2-medium, "
-                        "gpt2-large, gpt2-xl, smollm2-135m, tiny-*, a folder or a hub id")
+                        "gpt2-large, gpt2-xl, smollm2-135m, phi-1_5, phi-2, phi-3-mini, t5-small, t5-base, "
+                        "flan-t5-small, flan-t5-base, flan-t5-large, bart-base, bart-large, tiny-*, a folder or "
+                        "a hub id")
     p.add_argument("--tasks", type=positive_int, default=100, help="number of tasks K (100)")
     p.add_argument("--rank", "-r", type=positive_int, default=4, help="LoRA rank r (Hu et al. use 4 for GPT-3)")
     p.add_argument("--target", default="q,v",
-                   help="adapted matrices per layer: q,k,v,o and fc1,fc2 (GPT-2) or gate,up,down (Llama), "
-                        "or module names as lmlab params takes them (c_attn: GPT-2's fused q,k,v)")
+                   help="adapted matrices: q,k,v,o and fc1,fc2 (GPT-2, Phi, BART), gate,up,down (Llama, Phi-3) or "
+                        "wi,wo / wi_0,wi_1,wo (T5), or module names as lmlab params takes them (c_attn: GPT-2's "
+                        "fused q,k,v; in T5 and BART q also names the decoder's cross-attention query)")
     # the spellings before params and memory shared their flags, still accepted
     p.add_argument("--preset", dest="model", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--lora-rank", dest="rank", type=positive_int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -70,13 +70,20 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         self.adapter = adapter
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (T5's feed-forward reads ``wo.weight``'s dtype)."""
+        return self.base_layer.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base_layer(x)  # (B, T, d)
         return h + self.adapter(h)
 
 
 def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Insert an adapter after each block's attention and feed-forward output projection."""
+    """Insert an adapter after each block's self-attention and feed-forward output projection
+    (``ModelSpec.attn_out``, ``mlp_out``), in the encoder and the decoder of an encoder-decoder; the
+    decoder's cross-attention gets none (as in the adapters library's Houlsby configuration)."""
     spec = model_spec(model.config)
     names = find_modules(model, [spec.attn_out, spec.mlp_out], (nn.Module,))
     freeze(model)

@@ -30,9 +30,14 @@ def apply(model: nn.Module, config: BitFitConfig | None = None) -> nn.Module:
     """Leave only bias terms trainable; a model without any (Llama) is an error, not a silent no-op."""
     names = [n for n, _ in model.named_parameters() if _is_bias(n)]
     if not names:
+        config = getattr(model, "config", None)
+        family = getattr(config, "model_type", None) or "this architecture"
+        # prefix tuning is for decoder-only models (``lmlab.peft.prefix.refusal``)
+        seq2seq = getattr(config, "is_encoder_decoder", False)
+        other = "lora, adapter or full" if seq2seq else "lora, adapter, prefix or full"
         raise LmlabError(
-            f"BitFit trains bias terms only, and {type(model).__name__} has none "
-            "(Llama-family models have no biases); choose lora, adapter, prefix or full"
+            f"BitFit trains bias terms only, and {type(model).__name__} has none (no {family} "
+            f"projection or norm has one); choose {other}"
         )
     for name, p in model.named_parameters():
         p.requires_grad_(_is_bias(name))

@@ -125,6 +125,12 @@ class LoraLayer(nn.Module):
     def merged(self) -> bool:
         return self._w0 is not None
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, for model code that reads it (T5's feed-forward checks ``wo.weight``'s
+        dtype), as peft's wrapped layers expose it."""
+        return self.base_layer.weight
+
     def _out_in(self, weight: torch.Tensor) -> torch.Tensor:
         """A weight laid out like ``base_layer.weight`` as (d_out, d_in), and back (a transpose, or none)."""
         return weight.T if self.fan_in_fan_out else weight
@@ -307,6 +313,11 @@ def _target_modules(model: nn.Module, names: Sequence[str]) -> list[str] | str:
     return "^(?:" + "|".join(n.replace(".", r"\.") for n in sorted(names)) + ")$"
 
 
+def _task_type(model: nn.Module) -> str:
+    """peft's task type: SEQ_2_SEQ_LM for an encoder-decoder (T5, BART), else CAUSAL_LM."""
+    return "SEQ_2_SEQ_LM" if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else "CAUSAL_LM"
+
+
 def save(model: nn.Module, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's layout and key names)."""
     layers = lora_layers(model)
@@ -315,7 +326,7 @@ def save(model: nn.Module, out_dir: str | Path, state_dict: dict | None = None) 
     first = next(iter(layers.values()))
     out_dir = Path(out_dir)
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
+        "peft_type": "LORA", "task_type": _task_type(model), "r": first.r, "lora_alpha": first.alpha,
         "lora_dropout": getattr(first.lora_dropout, "p", 0.0), "target_modules": _target_modules(model, list(layers)),
         "fan_in_fan_out": first.fan_in_fan_out, "bias": "none", "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": sorted(module_copies(model)) or None,

@@ -149,9 +149,24 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for n, m in model.named_modules() if n.endswith(suffix)]
 
 
+def refusal(spec) -> str:
+    """Why prefix tuning refuses an encoder-decoder: T5's attention adds its relative position bias in
+    its own code, outside transformers' attention interface where the prefix is inserted; and Li &
+    Liang's encoder-decoder form, z = [PREFIX; x; PREFIX'; y] (a prefix for the encoder and one for
+    the decoder, cross-attention reading the encoder's prefixed output), is not implemented."""
+    other = "lora, adapter, bitfit or full" if spec.has_bias else "lora, adapter or full"
+    return (f"prefix tuning is implemented for decoder-only models (GPT-2, Llama, Phi, Phi-3), not for the "
+            f"encoder-decoder {spec.family} (its encoder and cross-attention would need prefixes of their own); "
+            f"choose {other}")
+
+
 def apply(model: nn.Module, config: PrefixConfig) -> nn.Module:
-    """Attach a prefix to every attention layer and route attention through ``prefix_attention``."""
+    """Attach a prefix to every attention layer and route attention through ``prefix_attention``.
+    Decoder-only models only (GPT-2, Llama, Phi, Phi-3); an encoder-decoder is refused (see
+    ``refusal``)."""
     spec = model_spec(model.config)
+    if spec.encoder_decoder:
+        raise LmlabError(refusal(spec))
     device = next(model.parameters()).device
     freeze(model)
     encoder = None
