@@ -22,6 +22,7 @@ from lmlab.sft import (
     completion_items,
     split_by_position,
     summarization_items,
+    summary_prompt,
 )
 
 CORPUS = "\n".join(f"First Citizen:\nBefore we proceed any further, hear me speak, line {i}." for i in range(60))
@@ -238,3 +239,82 @@ def test_prompt_longer_than_the_context_is_one_line(tiny_model_dir, tmp_path, ca
 def test_tinyshakespeare_blocks(tokenizer):
     train, val = completion_items(tokenizer, SftData(source=str(SHARED / "tinyshakespeare" / "input.txt")))
     assert len(train) > 2000 and len(val) > 200
+
+
+# --- the summarization template (--template with a {post} slot) ----------------------------------
+
+
+def old_summarization_items(tokenizer, rows, max_length):
+    """The prompt and completion ids before --template existed (hard-coded ``<post>\\nTL;DR:``)."""
+    eos = [tokenizer.eos_token_id]
+    tail = tokenizer("\nTL;DR:", add_special_tokens=False)["input_ids"]
+    out = []
+    for row in rows:
+        summary = tokenizer(" " + row["summary"].strip(), add_special_tokens=False)["input_ids"] + eos
+        post = tokenizer(row["post"].strip())["input_ids"]
+        out.append((post[:max_length - len(summary) - len(tail)] + tail, summary))
+    return out
+
+
+@pytest.mark.parametrize("max_length", [24, 40, 256])
+def test_the_default_template_gives_the_same_tokens_as_before(tokenizer, max_length):
+    rows = [*PAIRS[:3], {"post": "  word " * 200 + "\n", "summary": " A short summary. "}]
+    items = summarization_items(tokenizer, rows, SftData(source="-", max_length=max_length))
+    assert [(i.prompt_ids, i.completion_ids) for i in items] == old_summarization_items(tokenizer, rows, max_length)
+    assert SftData(source="-").template == "{post}\nTL;DR:" == "{post}" + TLDR
+    assert summary_prompt("  a post \n") == "a post\nTL;DR:"
+
+
+def test_a_template_puts_the_post_in_its_slot_and_keeps_its_tail_whole(tokenizer):
+    data = SftData(source="-", max_length=64, template="Post: {post}\nSummary:")
+    long = {"post": "word " * 200, "summary": "A short summary."}
+    items = summarization_items(tokenizer, [PAIRS[0], long], data)
+    tail = tokenizer("\nSummary:", add_special_tokens=False)["input_ids"]
+    assert items[0].prompt_ids == tokenizer("Post: " + PAIRS[0]["post"])["input_ids"] + tail
+    assert len(items[1]) == 64 and items[1].prompt_ids[-len(tail):] == tail
+    assert tokenizer.decode(items[1].prompt_ids).startswith("Post: word word")
+    assert summary_prompt(" a ", "Post: {post}\nSummary:") == "Post: a\nSummary:"
+
+
+@pytest.mark.parametrize("task,template,message", [
+    ("summarization", "Review: {text}\\nSummary:", "needs a {post} slot ({text} is classification's slot)"),
+    ("summarization", "{post} and {post}", "needs one {post} slot"),
+    ("classification", "{post}\\nSentiment:", "needs a {text} slot ({post} is summarization's slot)"),
+    ("completion", "{post}", "--template is for classification ({text}) and summarization ({post})"),
+])
+def test_a_template_without_its_tasks_slot_is_one_line(tiny_model_dir, pairs, tmp_path, capsys, task, template,
+                                                        message):
+    out = tmp_path / "run"
+    assert main(["finetune", "--task", task, "--model", tiny_model_dir, "--dataset", str(pairs), "--template",
+                 template, "--out-dir", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not out.exists(), err
+
+
+def test_evaluate_reuses_the_runs_template_unless_a_flag_says_otherwise(tiny_model_dir, pairs, tmp_path, capsys,
+                                                                        monkeypatch):
+    """run.json records the template; evaluate RUN prompts with it (a forgotten flag), and a flag
+    given wins. The prompts reach generation as the very ids finetune trained on."""
+    from lmlab import evaluate
+    from lmlab.models import load_tokenizer
+
+    run = tmp_path / "run"
+    assert main(["finetune", "--task", "summarization", "--model", tiny_model_dir, "--dataset", str(pairs),
+                 "--template", "Post: {post}\\nSummary:", "--rank", "2", "--batch-size", "4", "--max-iters", "1",
+                 "--eval-interval", "1", "--out-dir", str(run), "--no-progress", "--json"]) == 0
+    assert json.loads((run / "run.json").read_text())["template"] == "Post: {post}\nSummary:"
+    capsys.readouterr()
+    seen = []
+
+    def generate(model, tokenizer, items, **kw):
+        seen.append([tokenizer.decode(i.prompt_ids) for i in items])
+        return ["Count the words of file 10."] * len(items)
+
+    monkeypatch.setattr(evaluate, "generate_summaries", generate)
+    for flags, template in (([], "Post: {post}\nSummary:"), (["--template", "{post}\\nTL;DR:"], "{post}\nTL;DR:")):
+        assert main(["evaluate", str(run), "--split", "validation", "--json", "--no-progress", *flags]) == 0
+        assert json.loads(capsys.readouterr().out)["n"] == 2
+        assert seen[-1] == [summary_prompt(p["post"], template) for p in PAIRS[10:]], seen
+    tokenizer = load_tokenizer(tiny_model_dir)
+    trained = summarization_items(tokenizer, PAIRS[10:], SftData(source="-", template="Post: {post}\nSummary:"))
+    assert seen[0] == [tokenizer.decode(i.prompt_ids) for i in trained]

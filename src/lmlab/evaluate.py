@@ -143,6 +143,11 @@ def _batches(items: list[Encoded], batch_size: int, desc: str, progress: bool):
             shown.update(min(batch_size, len(order) - start))
 
 
+def _seq2seq(model) -> bool:
+    """Whether ``model`` is an encoder-decoder (T5, BART): its prompts go to the encoder."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def _pad_id(tokenizer) -> int:
     """Any id works under a zero attention mask; GPT-2-style tokenizers have no pad token."""
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
@@ -180,6 +185,16 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
     of the full one, parsed the same). ``chat``: prompts in the chat template, as ``_encode`` says.
     """
     items = _encode(tokenizer, fmt, examples, max_length, chat)
+    if _seq2seq(model):  # the encoder reads the prompt; the decoder writes the label (lmlab.seq2seq)
+        from lmlab.generate import SamplingConfig, sample
+
+        t0 = time.perf_counter()
+        config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                                batch_size=batch_size)
+        texts = [t[0] for t in sample(model, tokenizer, [list(i.prompt_ids) for i in items], config,
+                                      progress=progress)]
+        return summarize([parse_label(t, fmt.label_words) for t in texts], [e.label for e in examples],
+                         len(fmt.label_words), texts, time.perf_counter() - t0)
     pad = _pad_id(tokenizer)
     eos = model.generation_config.eos_token_id
     shared = shared_prefix_length([it.prompt_ids for it in items]) if shared_prefix else 0
@@ -257,6 +272,11 @@ def label_logprobs(model, tokenizer, fmt: TaskFormat, examples: list[Example], *
     else:
         completions = label_token_ids(tokenizer, fmt)
     pad = _pad_id(tokenizer)
+    if _seq2seq(model):
+        from lmlab import seq2seq
+
+        with _inference(model):
+            return seq2seq.label_logprobs(model, items, completions, pad, batch_size)
     scores = torch.empty(len(items), len(completions), device=model_device(model))  # (N, L)
     shared = shared_prefix_length([it.prompt_ids for it in items]) if shared_prefix else 0
     with _inference(model):
@@ -413,7 +433,9 @@ def perplexity(model, tokenizer, items: list[Encoded], batch_size: int = 8, prog
 def generate_summaries(model, tokenizer, items: list[Encoded], *, max_new_tokens: int = 40, batch_size: int = 8,
                        progress: bool = False) -> list[str]:
     """Greedy summaries of the prompts of summarization ``items`` (the very ids the model trained
-    on, ``<post>\nTL;DR:``), each cut at its first line as ``generate --first-line`` does."""
+    on: the run's template around the post, ``<post>\nTL;DR:`` by default; an encoder-decoder
+    model's encoder reads them and its decoder writes the summary), each cut at its first line as
+    ``generate --first-line`` does."""
     from lmlab.generate import SamplingConfig, sample
 
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)

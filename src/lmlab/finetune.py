@@ -21,8 +21,10 @@ class FinetuneConfig:
     the head), ``use_rslora``/``use_dora``/``modules_to_save`` (LoRA's options as in peft;
     ``modules_to_save`` as "lm_head,wte"), ``bottleneck``/``train_layer_norms``
     (adapter), ``prefix_length``/``prefix_hidden`` (prefix). Data: ``task`` classification
-    (``dataset``, columns, ``template``, ``label_words`` as "w0,w1"), completion or summarization
-    (``block_size``, ``val_fraction``, ``summary_column``), chat (``lmlab.chat``: alpaca, ShareGPT or
+    (``dataset``, columns, ``template`` with a ``{text}`` slot, ``label_words`` as "w0,w1"), completion
+    or summarization (``block_size``, ``val_fraction``, ``summary_column``, ``template`` with a
+    ``{post}`` slot, default ``{post}\\nTL;DR:``; an encoder-decoder model such as T5 summarizes
+    only, its encoder reading the prompt: ``lmlab.seq2seq``), chat (``lmlab.chat``: alpaca, ShareGPT or
     messages rows; loss on the assistant turns); ``chat_template`` (auto, on, off: the tokenizer's
     chat template for chat and classification, recorded resolved in run.json). Training: see
     ``engine.TrainConfig``.
@@ -112,6 +114,7 @@ class FinetuneConfig:
             raise LmlabError(f"chat template must be auto, on or off, got {self.chat_template!r}")
         if self.chat_template == "on" and self.task in ("completion", "summarization"):
             raise LmlabError(f"--chat-template on is for --task chat and classification, not {self.task}")
+        check_template(self)
         return self
 
     @property
@@ -163,9 +166,28 @@ def task_format(options, saved: dict | None = None):
     return TaskFormat(**{k: v for k, v in kwargs.items() if v is not None})
 
 
+def check_template(options) -> None:
+    """``--template`` fits the task: classification's has a ``{text}`` slot, summarization's a
+    ``{post}`` slot; completion and chat take none."""
+    template = options.template
+    if template is None:
+        return
+    if options.task in ("completion", "chat"):
+        raise LmlabError(f"--template is for classification ({{text}}) and summarization ({{post}}), "
+                         f"not --task {options.task}")
+    if options.task == "summarization":
+        from lmlab.sft import split_template
+
+        split_template(template)
+    elif "{text}" not in template:
+        hint = " ({post} is summarization's slot)" if "{post}" in template else ""
+        raise LmlabError(f"the classification template needs a {{text}} slot{hint}, e.g. "
+                         f"'Review: {{text}}\\nSentiment:'; got {template!r}")
+
+
 def sft_data(options):
     """The SftData of a completion, summarization or chat run."""
-    from lmlab.sft import SftData
+    from lmlab.sft import SUMMARY_TEMPLATE, SftData
 
     if not options.dataset:
         raise LmlabError(f"--task {options.task} needs --dataset: "
@@ -173,9 +195,10 @@ def sft_data(options):
                             "a .jsonl of alpaca, ShareGPT or messages rows, or a folder with train/validation .jsonl"
                             if options.task == "chat" else "a .jsonl of {post, summary} "
                             "or a folder with train/validation .jsonl"))
+    check_template(options)
     return SftData(source=options.dataset, val_fraction=options.val_fraction, block_size=options.block_size,
                    max_length=options.max_length, post_column=options.text_column or "post",
-                   summary_column=options.summary_column)
+                   summary_column=options.summary_column, template=options.template or SUMMARY_TEMPLATE)
 
 
 def load_for_training(model_name: str, method, cfg, bits: int | None = None):
@@ -286,6 +309,21 @@ def run(config: FinetuneConfig) -> dict:
         return _run(config, cfg)
 
 
+def _encoder_decoder(config: FinetuneConfig) -> bool:
+    """Whether the model is an encoder-decoder (from its config, before any weights load); one line
+    for what lmlab does not run on one."""
+    from lmlab import seq2seq
+    from lmlab.models import model_config
+
+    if not seq2seq.is_seq2seq(model_config(config.model)):
+        return False
+    seq2seq.check_task(config.task, config.model)
+    if config.method == "prefix":
+        raise LmlabError(f"{config.model} is an encoder-decoder model: --method prefix is for decoder-only "
+                         "models here; use lora, adapter, bitfit or full")
+    return True
+
+
 def _run(config: FinetuneConfig, cfg) -> dict:
     import sys
 
@@ -297,6 +335,8 @@ def _run(config: FinetuneConfig, cfg) -> dict:
     bits = config.bits
     if config.chat_template == "on" and config.task in ("completion", "summarization"):
         raise LmlabError(f"--chat-template on is for --task chat and classification, not {config.task}")
+    check_template(config)
+    seq2seq = _encoder_decoder(config)
     if config.task == "classification":
         fmt = task_format(config)
         dataset = config.dataset or DEFAULT_DATASET
@@ -333,7 +373,7 @@ def _run(config: FinetuneConfig, cfg) -> dict:
     else:
         from lmlab.sft import task_items
 
-        train_items, val_items = task_items(config.task, tokenizer, data)
+        train_items, val_items = task_items(config.task, tokenizer, data, seq2seq=seq2seq)
         val_items = subsample(val_items, config.eval_limit)
         task_info = asdict(data)
     trainable, total = peft.count_parameters(model)

@@ -7,8 +7,11 @@ unchanged:
 * completion: a plain-text corpus cut into blocks of ``block_size`` tokens (nanoGPT's
   tinyshakespeare set-up); the first token of a block is its "prompt", the rest its completion,
   so the loss covers every token that has a predecessor in the block;
-* summarization: ``<post>\\nTL;DR:`` as the prompt and `` <summary><eos>`` as the completion
-  (Stiennon et al. 2020's TL;DR format); long posts are cut at the end, never the summary.
+* summarization: a template with a ``{post}`` slot as the prompt, by default ``<post>\\nTL;DR:``
+  (Stiennon et al. 2020's TL;DR format), and `` <summary><eos>`` as the completion; long posts are
+  cut at their end, never the summary nor the template's tail. An encoder-decoder model (T5,
+  Raffel et al. 2020, whose convention is ``summarize: {post}``) reads the prompt in its encoder
+  and has ``<summary><eos>`` as its decoder's labels (``lmlab.seq2seq``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from lmlab.errors import LmlabError
 
 TASKS = ("classification", "completion", "summarization")
 TLDR = "\nTL;DR:"
+SUMMARY_TEMPLATE = "{post}" + TLDR  # the TL;DR prompt: the post, a newline, "TL;DR:"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,8 +37,10 @@ class SftData:
     max_length: int = 256  # summarization: longest prompt + summary in tokens
     post_column: str = "post"
     summary_column: str = "summary"
+    template: str = SUMMARY_TEMPLATE  # summarization: the prompt, with one {post} slot
 
     def __post_init__(self):
+        split_template(self.template)
         if not 0 < self.val_fraction < 1:
             raise LmlabError(f"val fraction must be in (0, 1), got {self.val_fraction}")
         if self.block_size < 2:
@@ -130,32 +136,64 @@ def held_out_pairs(data: SftData, split: str | None = None) -> tuple[str, list[d
     return split, train if split == "train" else val
 
 
-def summary_prompt(post: str) -> str:
-    return post.strip() + TLDR
+def split_template(template: str) -> tuple[str, str]:
+    """(head, tail): the template's text before and after its one ``{post}`` slot."""
+    count = template.count("{post}")
+    if count != 1:
+        hint = " ({text} is classification's slot)" if "{text}" in template else ""
+        raise LmlabError(f"the summarization template needs {'one' if count else 'a'} {{post}} slot{hint}, "
+                         "e.g. '{post}\\nTL;DR:' or 'summarize: {post}'; got " + repr(template))
+    head, tail = template.split("{post}")
+    return head, tail
 
 
-def summarization_items(tokenizer, rows: list[dict], data: SftData) -> list[Encoded]:
-    """Prompt ``<post>\\nTL;DR:``, completion `` <summary><eos>``; the post is cut at its end to fit."""
+def summary_prompt(post: str, template: str = SUMMARY_TEMPLATE) -> str:
+    """The prompt text of one post (by default ``<post>\\nTL;DR:``)."""
+    head, tail = split_template(template)
+    return head + post.strip() + tail
+
+
+def special_suffix_length(tokenizer) -> int:
+    """How many special ids the tokenizer appends to a text (T5's ``</s>``: 1; GPT-2, Llama: 0)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain]
+    return len(full) - starts[0] - len(plain) if starts else 0
+
+
+def summarization_items(tokenizer, rows: list[dict], data: SftData, *, seq2seq: bool = False) -> list[Encoded]:
+    """Prompt ``template`` around the post (``<post>\\nTL;DR:`` by default), completion
+    `` <summary><eos>`` (no leading space for an encoder-decoder model: its decoder starts afresh).
+
+    The head and the post are tokenised together, with the tokenizer's special tokens (its BOS);
+    the post is cut at its end to fit ``max_length``, and the tail (tokenised alone, as before any
+    template existed) and any special ids the tokenizer appends (T5's ``</s>``) are kept whole."""
+    head, tail = split_template(data.template)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    tail = tokenizer(TLDR, add_special_tokens=False)["input_ids"]
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    head_length = len(tokenizer(head, add_special_tokens=False)["input_ids"]) if head else 0
+    n_suffix = special_suffix_length(tokenizer)
+    space = "" if seq2seq else " "
     items = []
     for row in rows:
-        summary = tokenizer(" " + row[data.summary_column].strip(), add_special_tokens=False)["input_ids"] + eos
-        post = tokenizer(row[data.post_column].strip())["input_ids"]  # with BOS if the tokenizer adds one
-        room = data.max_length - len(summary) - len(tail)
-        if room < 4:
+        summary = tokenizer(space + row[data.summary_column].strip(), add_special_tokens=False)["input_ids"] + eos
+        ids = tokenizer(head + row[data.post_column].strip())["input_ids"]  # with BOS if the tokenizer adds one
+        body, suffix = ids[:len(ids) - n_suffix], ids[len(ids) - n_suffix:]
+        room = data.max_length - len(summary) - len(tail_ids) - len(suffix)
+        if room < 4 + head_length:
             raise LmlabError(f"a summary of {len(summary)} tokens leaves no room for its post in "
                              f"--max-length {data.max_length}")
-        items.append(Encoded(post[:room] + tail, summary, 0))
+        items.append(Encoded(body[:room] + tail_ids + suffix, summary, 0))
     return items
 
 
-def task_items(task: str, tokenizer, data: SftData) -> tuple[list[Encoded], list[Encoded]]:
-    """(train, validation) items of a generation task."""
+def task_items(task: str, tokenizer, data: SftData, *, seq2seq: bool = False) -> tuple[list[Encoded], list[Encoded]]:
+    """(train, validation) items of a generation task (``seq2seq``: for an encoder-decoder model)."""
     if task == "completion":
         return completion_items(tokenizer, data)
     if task == "summarization":
         train, val = read_pairs(data)
-        return summarization_items(tokenizer, train, data), summarization_items(tokenizer, val, data)
+        return (summarization_items(tokenizer, train, data, seq2seq=seq2seq),
+                summarization_items(tokenizer, val, data, seq2seq=seq2seq))
     raise LmlabError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 

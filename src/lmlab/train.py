@@ -99,8 +99,15 @@ class LabelTask:
 
 def train(model, tokenizer, method_config, train_items: list[Encoded], val_items: list[Encoded],
           cfg: TrainConfig, run_info: dict | None = None) -> TrainResult:
-    """Fine-tune ``model`` (method already applied) on ``train_items``; see ``engine.fit``."""
-    task = LabelTask(train_items, val_items, tokenizer.pad_token_id, 2 * cfg.batch_size)
+    """Fine-tune ``model`` (method already applied) on ``train_items``; see ``engine.fit``. An
+    encoder-decoder model reads each prompt in its encoder and has the completion as its decoder's
+    labels (``lmlab.seq2seq``)."""
+    from lmlab import seq2seq
+
+    if seq2seq.is_seq2seq(model):
+        task = seq2seq.task(model, tokenizer, train_items, val_items, 2 * cfg.batch_size)
+    else:
+        task = LabelTask(train_items, val_items, tokenizer.pad_token_id, 2 * cfg.batch_size)
     return fit(model, task, method_config, cfg, run_info)
 
 
