@@ -24,7 +24,8 @@ def cmd_invert(args: argparse.Namespace) -> int:
     if Path(report).resolve() == Path(args.output).resolve():
         raise LmlabError(f"--output {args.output} would be overwritten by the JSON report: give --report FILE")
     refuse_existing([args.output, report], args.overwrite)
-    config = InvertConfig(max_words=args.max_words, beam=args.beam, time_budget=args.time_budget, seed=args.seed)
+    config = InvertConfig(max_words=args.max_words, beam=args.beam, time_budget=args.time_budget, seed=args.seed,
+                          runners_up=max(4, args.guesses - 1), vocab_words=args.vocab_words)
     from lmlab.devices import select_device, select_dtype
 
     device = select_device(args.device)  # every check before any work or output: the device first,
@@ -36,10 +37,12 @@ def cmd_invert(args: argparse.Namespace) -> int:
     guesses = invert(targets, encoder, config, progress=not args.no_progress)
     rows = [{"row": i, "guess": g.text, "cosine": g.cosine, "seconds": g.seconds,
              "runners_up": [{"text": t, "cosine": c} for t, c in g.runners_up]} for i, g in enumerate(guesses)]
-    write_json(report, {"encoder": args.encoder, "config": asdict(config), "guesses": rows})
-    write_text(args.output, "".join(g.text + "\n" for g in guesses))
+    write_json(report, {"encoder": args.encoder, "config": asdict(config), "guesses_per_target": args.guesses,
+                        "guesses": rows})
+    write_text(args.output, "".join(line + "\n" for g in guesses for line in submission(g, args.guesses)))
     summary = {"targets": len(guesses), "mean_cosine": sum(g.cosine for g in guesses) / len(guesses),
-               "min_cosine": min(g.cosine for g in guesses), "output": args.output, "report": report}
+               "min_cosine": min(g.cosine for g in guesses), "guesses_per_target": args.guesses,
+               "output": args.output, "report": report}
     if args.json:
         print_json(summary)
     else:
@@ -49,14 +52,27 @@ def cmd_invert(args: argparse.Namespace) -> int:
     return 0
 
 
+def submission(guess, n: int) -> list[str]:
+    """A target's ``n`` lines of the submission: its best guess, then its runners-up by falling
+    cosine (distinct texts); the last repeated if the search scored fewer than ``n`` texts."""
+    texts = [guess.text, *(t for t, _ in guess.runners_up)][:n]
+    return texts + [texts[-1]] * (n - len(texts))
+
+
 def register(sub) -> None:
     p = sub.add_parser("invert", help="recover short texts from their embeddings (safety-filter inversion)",
                        description="Recover short texts from their embeddings by a search over words. --dtype auto "
                                    "is fp32 here, on a GPU too: the search compares cosines to 1e-5.")
     p.add_argument("--embeddings", required=True, help=".npy, .pt or .safetensors, one embedding per row")
-    p.add_argument("--encoder", default="minilm", help="minilm (all-MiniLM-L6-v2, embedded), a sentence-transformers "
-                                                       "folder, or a CLIP text-encoder folder")
-    p.add_argument("--output", required=True, help="guesses, one line per row")
+    p.add_argument("--encoder", default="minilm",
+                   help="minilm (all-MiniLM-L6-v2, embedded); clip:PATH, a CLIP text tower: a Hugging Face CLIP "
+                        "folder or an open_clip checkpoint (.safetensors file, or a folder with "
+                        "open_clip_model.safetensors); a sentence-transformers folder")
+    p.add_argument("--output", required=True, help="guesses, one line each: --guesses lines per row, rows in order")
+    p.add_argument("--guesses", type=positive_int, default=1,
+                   help="guesses per row, best cosine first (1: one line per row)")
+    p.add_argument("--vocab-words", type=positive_int, default=None,
+                   help="search the N most frequent whole words only (default all; for large encoders on a CPU)")
     p.add_argument("--report", default=None, help="JSON with cosines and runner-up guesses (default: output .json)")
     p.add_argument("--time-budget", type=positive_float, default=60.0, help="seconds per target (60)")
     p.add_argument("--max-words", type=positive_int, default=8, help="longest guess in words")

@@ -10,8 +10,9 @@ and re-ranked by the true cosine, does it.
 2. Seeds: the words closest to the target.
 3. Beam search over phrases: each beam phrase proposes insertions of a pool word at every
    position, substitutions and deletions of every word (the pool: the target's nearest words
-   plus function words such as "a", "of", "the"), and word endings proposed by the encoder's
-   gradient (HotFlip) for words the vocabulary lacks. A cheap proxy ranks the proposals; only
+   plus function words such as "a", "of", "the"), and word pieces proposed by the encoder's
+   gradient (HotFlip) for words the vocabulary lacks: WordPiece "##" endings, or for CLIP's BPE
+   the word starts that precede a "</w>" word end. A cheap proxy ranks the proposals; only
    the best are encoded for real, and the beams keep the best true cosines. Phrases grow to
    ``max_words`` and keep being refined until no step improves or the time budget is spent.
 """
@@ -32,11 +33,13 @@ from lmlab.invert.search import (
     hotflip,
     invert,
     invert_one,
+    is_piece,
     phrase_text,
     proxy_scores,
+    rank_texts,
     vocabulary,
 )
 
 __all__ = ["FUNCTION_WORDS", "Guess", "InvertConfig", "TextEncoder", "candidate_words", "check_dimension", "flip_sets",
-           "hotflip", "invert", "invert_one", "load_encoder", "load_targets", "phrase_text", "pool", "proxy_scores",
-           "vocabulary"]
+           "hotflip", "invert", "invert_one", "is_piece", "load_encoder", "load_targets", "phrase_text", "pool",
+           "proxy_scores", "rank_texts", "vocabulary"]

