@@ -318,3 +318,33 @@ def test_evaluate_reuses_the_runs_template_unless_a_flag_says_otherwise(tiny_mod
     tokenizer = load_tokenizer(tiny_model_dir)
     trained = summarization_items(tokenizer, PAIRS[10:], SftData(source="-", template="Post: {post}\nSummary:"))
     assert seen[0] == [tokenizer.decode(i.prompt_ids) for i in trained]
+
+
+def test_generate_tldr_prompts_with_the_runs_template_unless_a_flag_says_otherwise(tiny_model_dir, pairs, tmp_path,
+                                                                                   capsys, monkeypatch):
+    """generate --tldr --run RUN: the run's recorded summarization template, a --template flag
+    over it; --template without --tldr is one line."""
+    import lmlab.generate
+
+    run = tmp_path / "run"
+    assert main(["finetune", "--task", "summarization", "--model", tiny_model_dir, "--dataset", str(pairs),
+                 "--template", "Post: {post}\\nSummary:", "--rank", "2", "--batch-size", "4", "--max-iters", "1",
+                 "--eval-interval", "1", "--out-dir", str(run), "--no-progress", "--json"]) == 0
+    capsys.readouterr()
+    seen = []
+
+    def sample(model, tokenizer, prompts, config, progress=True):
+        seen.append(list(prompts))
+        return [["x"] for _ in prompts]
+
+    monkeypatch.setattr(lmlab.generate, "sample", sample)
+    for n, (flags, template) in enumerate((([], "Post: {post}\nSummary:"),
+                                           (["--template", "summarize: {post}"], "summarize: {post}"))):
+        out = tmp_path / f"o{n}.txt"
+        assert main(["generate", "--run", str(run / "last"), "--prompts", str(pairs), "--tldr", "--output", str(out),
+                     "--no-progress", *flags]) == 0
+        assert seen[-1] == [summary_prompt(p["post"], template) for p in PAIRS], seen[-1][:2]
+    capsys.readouterr()
+    assert main(["generate", "--prompts", str(pairs), "--template", "a {post}", "--output", str(tmp_path / "x.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "with --tldr" in err[0] and not (tmp_path / "x.txt").exists()

@@ -258,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("params", help="trainable and total parameters of a method on a model (no weights loaded)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, smollm2-135m, tiny-*), folder or hub id")
+                   help="preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl, smollm2-135m, phi-1_5, phi-2, phi-3-mini, "
+                        "t5-small, t5-base, flan-t5-small, flan-t5-base, flan-t5-large, bart-base, bart-large, "
+                        "tiny-*), folder or hub id")
     add_method_args(p)
     p.add_argument("--mlp", default=None, help="count a plain MLP of these comma-separated layer widths instead "
                                               "(LoRA with --rank on every layer, full, bitfit, adapter with --bottleneck)")

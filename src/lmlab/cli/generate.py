@@ -25,8 +25,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from lmlab.chat import use_template, user_turn_ids
     from lmlab.generate import sample
     from lmlab.io import read_texts, write_jsonl, write_text
-    from lmlab.sft import summary_prompt
+    from lmlab.sft import SUMMARY_TEMPLATE, split_template, summary_prompt
 
+    if args.template is not None and not args.tldr:
+        raise LmlabError("--template is the summarization prompt (a {post} slot): give it with --tldr")
+    if args.template is not None:
+        split_template(args.template)  # a template without its one {post} slot: one line, before any load
     suffix = Path(args.output).suffix.lower()
     if suffix not in (".jsonl", ".txt"):
         raise LmlabError(f"--output must end in .jsonl or .txt, got {args.output!r}")
@@ -34,10 +38,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     device, dtype = placement(args)
     field = "post" if args.tldr else "prompt"
     prompts = read_texts(args.prompts, field=field)
-    if args.tldr:
-        prompts = [summary_prompt(p) for p in prompts]
     config = sampling_config(args)
     model, tokenizer, run_info = load_model_or_run(args, device, dtype)
+    if args.tldr:  # the flag's template, else the one a summarization --run trained on, else TL;DR
+        trained = run_info.get("template") if run_info.get("task") == "summarization" else None
+        prompts = [summary_prompt(p, args.template or trained or SUMMARY_TEMPLATE) for p in prompts]
     # the run's own format: its recorded --chat-template; a --task chat run without one used the plain format
     template = use_template(args.chat_template, tokenizer, model, run_info=run_info)
     turns = template or run_info.get("task") == "chat"
@@ -61,12 +66,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from lmlab.cli import template_text
+
     p = sub.add_parser("generate", help="sample continuations of prompts from a model or a finetune checkpoint")
     add_model_args(p)
     p.add_argument("--prompts", required=True,
                    help="prompts: .txt (one per line), .json list, .jsonl with a 'prompt' field ('post' with --tldr)")
     p.add_argument("--tldr", action="store_true",
-                   help="summarization: read the 'post' field and prompt with '<post>\\nTL;DR:' as finetune does")
+                   help="summarization: read the 'post' field and prompt with the --template a summarization "
+                        "--run trained on, as finetune does (else '{post}\\nTL;DR:')")
+    p.add_argument("--template", type=template_text, default=None,
+                   help="with --tldr: the prompt, its {post} slot taking the post (e.g. 'summarize: {post}')")
     p.add_argument("--output", required=True, help=".jsonl (prompt, sample, text) or .txt (one sample per line)")
     add_sampling_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
