@@ -28,7 +28,6 @@ from lmlab.watermark import (
     hungarian,
     z_score,
 )
-from lmlab.watermark.sampling import EosWatch
 
 KEY = 15485863
 
@@ -333,15 +332,51 @@ class ForceEos:
         return scores
 
 
-@pytest.mark.parametrize("rows,expected", [([], 0), ([1], 1), ([0, 1, 2], 3)])
-def test_eos_watch_counts_texts_the_model_ended(model, rows, expected):
-    prompt = torch.tensor([[5, 900, 31], [6, 7, 8], [9, 10, 11]])
-    watch = EosWatch({2}, max_new_tokens=8)
-    torch.manual_seed(0)
-    for _ in range(2):  # two generate calls: the watch tells them apart
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0, max_new_tokens=8,
-                       pad_token_id=2, eos_token_id=2, logits_processor=[ForceEos(2, rows, 4), watch])
-    assert watch.finish() == 2 * expected
+@pytest.mark.parametrize("rows", [[], [1], [0, 2], [0, 1, 2]])
+def test_sample_tokens_reports_the_texts_the_model_ended(model, rows):
+    from lmlab.generate import SamplingConfig, sample, sample_tokens
+
+    class Tok:  # ids in, ids out: enough of a tokenizer for sample_tokens
+        eos_token_id = pad_token_id = 2
+
+        def batch_decode(self, ids, skip_special_tokens=True):
+            return [" ".join(str(i) for i in row if not (skip_special_tokens and i == 2)) for row in ids.tolist()]
+
+    prompts = [[5, 900, 31], [6, 7, 8], [9, 10, 11]]
+    config = SamplingConfig(max_new_tokens=8, batch_size=3, seed=3)
+    out = sample_tokens(model, Tok(), prompts, config, logits_processors=[ForceEos(2, rows, 4)], progress=False)
+    # sample_tokens sorts prompts by length (all 3 here: batch order = prompt order)
+    assert [len(c.ids) for (c,) in out] == [3 if i in rows else 8 for i in range(3)]
+    assert [c.ended_by_eos for (c,) in out] == [i in rows for i in range(3)]
+    assert all(2 not in c.ids and c.text == " ".join(map(str, c.ids)) for (c,) in out)
+    texts = sample(model, Tok(), prompts, config, logits_processors=[ForceEos(2, rows, 4)], progress=False)
+    assert texts == [[c.text] for (c,) in out]  # sample: the same texts as before
+
+
+def test_cli_generate_reports_texts_ended_by_eos(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    # a model that ends texts often: one id in 25 is an end-of-text id of its generation config
+    folder = tmp_path / "eager"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": list(range(2, 49152, 25))}))
+    (tmp_path / "prompts.txt").write_text("The weather today\nOnce upon a time\nA list of fruit\n")
+    out = tmp_path / "texts.npy"
+    assert main(["watermark", "generate", "--schemes", "none,hard,soft", "--prompts", str(tmp_path / "prompts.txt"),
+                 "--model", str(folder), "--max-new-tokens", "12", "--min-new-tokens", "2", "--output", str(out),
+                 "--json", "--no-progress", "--seed", "1"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    tokens, early = summary["tokens"], summary["ended_early"]
+    assert len(tokens) == len(np.load(out)) == 9
+    assert 0 < len(early) < 9 and summary["ended_early_by_eos"] == len(early)
+    assert {e["index"] for e in early} == {i for i, n in enumerate(tokens) if n < 12}
+    assert all(2 <= e["tokens"] == tokens[e["index"]] < 12 for e in early)
+    assert [e["scheme"] for e in early] == [["none", "hard", "soft"][e["index"] // 3] for e in early]
+    assert summary["ended_early_by_scheme"] == {s: sum(e["scheme"] == s for e in early) for s in ("none", "hard", "soft")}
+    lines = [line for line in captured.err.splitlines() if "ended by the model" in line]
+    assert len(lines) == len(early) and f"after {early[0]['tokens']} of 12 tokens" in lines[0]
 
 
 def test_cli_generate_several_schemes(tiny_model_dir, tmp_path, capsys):
@@ -355,6 +390,7 @@ def test_cli_generate_several_schemes(tiny_model_dir, tmp_path, capsys):
     assert summary["texts"] == len(texts) == 6 and summary["schemes"] == ["no-e", "hard", "soft"]
     assert set(summary["ended_early_by_scheme"]) == {"no-e", "hard", "soft"}
     assert summary["ended_early_by_eos"] == sum(summary["ended_early_by_scheme"].values())
+    assert summary["tokens"] == [20] * 6 and summary["ended_early"] == []  # a random model: no end-of-text
     assert all("e" not in t.lower() for t in texts[:2])
     with pytest.raises(SystemExit) as stop:  # argparse: usage error, exit 2, before any model loads
         main(["watermark", "generate", "--schemes", "hard,bogus", "--prompts", str(tmp_path / "prompts.txt"),

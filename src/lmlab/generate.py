@@ -55,6 +55,30 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """One sampled continuation: its decoded text, its new token ids (up to, not including, the
+    first end-of-text id; padding after it dropped) and whether the model ended it with that id."""
+
+    text: str
+    ids: tuple[int, ...]
+    ended_by_eos: bool
+
+
+def eos_token_ids(model) -> set[int]:
+    """The end-of-text ids ``generate`` stops a row at: those of the model's generation config."""
+    found = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return set(found if isinstance(found, (list, tuple)) else [] if found is None else [found])
+
+
+def _cut_at_eos(row: list[int], eos: set[int]) -> tuple[tuple[int, ...], bool]:
+    """(new ids before the first end-of-text id, whether there was one)."""
+    for k, token in enumerate(row):
+        if token in eos:
+            return tuple(row[:k]), True
+    return tuple(row), False
+
+
 def sample(model, tokenizer, prompts: list[str] | list[list[int]], config: SamplingConfig, *, logits_processors=(),
            progress: bool = True, shared_prefix: bool = True) -> list[list[str]]:
     """``config.samples`` decoded continuations (new tokens only) per prompt, in prompt order.
@@ -64,7 +88,19 @@ def sample(model, tokenizer, prompts: list[str] | list[list[int]], config: Sampl
     restored, so the same seed gives the same texts and the caller's random state is untouched.
     With ``shared_prefix`` (decoder-only models), the tokens every prompt starts with (few-shot
     exemplars, an instruction) run once and each batch starts from their KV cache (``lmlab.kvcache``).
+    ``sample_tokens`` gives the token ids as well.
     """
+    return [[c.text for c in row] for row in sample_tokens(model, tokenizer, prompts, config,
+                                                           logits_processors=logits_processors, progress=progress,
+                                                           shared_prefix=shared_prefix)]
+
+
+def sample_tokens(model, tokenizer, prompts: list[str] | list[list[int]], config: SamplingConfig, *,
+                  logits_processors=(), progress: bool = True,
+                  shared_prefix: bool = True) -> list[list[Continuation]]:
+    """``sample`` with each continuation's new token ids and whether an end-of-text id ended it:
+    a continuation is ``config.max_new_tokens`` ids long unless it did (or a stop string cut the
+    whole batch short)."""
     from transformers import LogitsProcessorList
 
     from lmlab.evaluate import _inference, _pad_id
@@ -92,7 +128,8 @@ def sample(model, tokenizer, prompts: list[str] | list[list[int]], config: Sampl
         options.update(stop_strings=list(config.stop_strings), tokenizer=tokenizer)
     shared = shared_prefix_length(encoded) if shared_prefix and decoder_only and len(encoded) > 1 else 0
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    outputs: list[list[str]] = [[] for _ in prompts]
+    outputs: list[list[Continuation]] = [[] for _ in prompts]
+    eos = eos_token_ids(model)
     from lmlab.devices import model_device
 
     device = model_device(model)
@@ -113,7 +150,9 @@ def sample(model, tokenizer, prompts: list[str] | list[list[int]], config: Sampl
             out = model.generate(input_ids=ids, attention_mask=mask, **cache_arg(model, cache),
                                  **options)  # (B * samples, T + new)
             texts = tokenizer.batch_decode(out[:, ids.shape[1]:] if decoder_only else out, skip_special_tokens=True)
+            new_ids = (out[:, ids.shape[1]:] if decoder_only else out[:, 1:]).tolist()  # T5: drop the start id
+            done = [Continuation(text, *_cut_at_eos(row, eos)) for text, row in zip(texts, new_ids)]
             for row, i in enumerate(idx):
-                outputs[i] = texts[row * config.samples:(row + 1) * config.samples]
+                outputs[i] = done[row * config.samples:(row + 1) * config.samples]
             bar.update(len(idx) * config.samples)
     return outputs

@@ -34,10 +34,10 @@ def _redlist_args(p: argparse.ArgumentParser, delta: bool = False) -> None:
     if delta:  # only generation adds it; detection counts green tokens whatever the penalty was
         g.add_argument("--delta", type=nonnegative_float, default=2.0, help="soft scheme: penalty of red logits (2.0)")
     g.add_argument("--key", type=nonnegative_int, default=None, help="hash key (15485863)")
-    g.add_argument("--seeding-scheme", default="simple_1", choices=SEEDING_CHOICES,
+    g.add_argument("--seeding-scheme", default=None, choices=SEEDING_CHOICES,
                    help="simple_1 = lefthash (the previous token seeds the list); selfhash: the reference's "
                         "(anchored minhash over 3 previous tokens and the candidate); hf-selfhash: transformers' "
-                        "seeding_scheme='selfhash' (with --context-width, default 1)")
+                        "seeding_scheme='selfhash' (with --context-width, default 1) (simple_1)")
     g.add_argument("--context-width", type=positive_int, default=None,
                    help="hf-selfhash: tokens seeding each list, the candidate included (1)")
     g.add_argument("--green-list", default=None, metavar="FILE.py:FUNCTION",
@@ -51,10 +51,11 @@ def _redlist(args, tokenizer):
     if args.green_list is not None:
         given = [flag for flag, value in (("--gamma", args.gamma), ("--key", args.key),
                                           ("--context-width", args.context_width)) if value is not None]
-        if given or args.seeding_scheme != "simple_1":
+        if given or args.seeding_scheme not in (None, "simple_1"):
             raise LmlabError(f"--green-list sets the lists itself: drop {', '.join(given) or '--seeding-scheme'}")
     options = {"vocab_size": len(tokenizer), "gamma": 0.25 if args.gamma is None else args.gamma,
-               "key": DEFAULT_KEY if args.key is None else args.key, "seeding_scheme": args.seeding_scheme,
+               "key": DEFAULT_KEY if args.key is None else args.key,
+               "seeding_scheme": args.seeding_scheme or "simple_1",
                "context_width": args.context_width, "green_list": args.green_list}
     if "delta" in args:
         options["delta"] = args.delta
@@ -98,10 +99,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         write_jsonl(args.output, out.records)
     names = ",".join(args.schemes)
-    ended = sum(out.ended_early.values())
+    early = out.early()
+    ended = len(early)
     summary = {"texts": len(out.records), "scheme": names, "schemes": args.schemes,
                "max_new_tokens": config.max_new_tokens, "ended_early_by_eos": ended,
-               "ended_early_by_scheme": out.ended_early, "seconds": out.seconds, "output": args.output}
+               "ended_early_by_scheme": out.ended_early, "ended_early": early,
+               "tokens": [r["tokens"] for r in out.records], "seconds": out.seconds, "output": args.output}
+    for e in early:  # which texts are short, and why: the model drew its end-of-text token
+        print(f"text {e['index']} ({e['scheme']}, prompt {e['prompt_index']}, sample {e['sample']}): ended by the "
+              f"model after {e['tokens']} of {config.max_new_tokens} tokens", file=sys.stderr)
     if args.json:
         print_json(summary)
     else:
@@ -118,6 +124,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     texts = read_texts(args.input)
     if not texts:
         raise LmlabError(f"{args.input}: no texts")
+    z_threshold = 4.0 if args.z_threshold is None else args.z_threshold
     tokenizer = load_tokenizer(args.model)
     lists = GreenLists(_redlist(args, tokenizer))
     rows = []
@@ -127,9 +134,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
             rows.append({"scored": 0, "watermarked": None, "undetermined": d.reason})
         else:
             rows.append({"scored": d.scored, "green": d.green, "green_fraction": d.green_fraction, "z": d.z,
-                         "p_value": d.p_value, "watermarked": d.z >= args.z_threshold})
+                         "p_value": d.p_value, "watermarked": d.z >= z_threshold})
     if args.json:
-        print_json({"texts": rows, "z_threshold": args.z_threshold})
+        print_json({"texts": rows, "z_threshold": z_threshold})
         return 0
     print(f"{'#':>4} {'scored':>6} {'green':>6} {'fraction':>8} {'z':>7} {'p-value':>9}  watermarked")
     for i, r in enumerate(rows):
@@ -141,13 +148,25 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_free_conflicts(args: argparse.Namespace) -> None:
+    """--key-free is given no key: the options that describe one (or tune the keyed rule) end in one line."""
+    given = [flag for flag, value in (("--key", args.key), ("--gamma", args.gamma),
+                                      ("--seeding-scheme", args.seeding_scheme),
+                                      ("--context-width", args.context_width), ("--green-list", args.green_list),
+                                      ("--z-threshold", args.z_threshold), ("--hard-fraction", args.hard_fraction))
+             if value is not None]
+    if given:
+        raise LmlabError(f"--key-free works without the scheme's key and lists: drop {', '.join(given)}")
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     from lmlab.io import read_texts, save_npy, write_json
-    from lmlab.models import load_tokenizer
-    from lmlab.watermark import NAMES, ClassifyConfig, classify_counts, classify_texts
+    from lmlab.watermark import NAMES
 
     if Path(args.output).suffix.lower() != ".npy":
         raise LmlabError(f"--output must end in .npy, got {args.output!r}")
+    if args.key_free:
+        _key_free_conflicts(args)
     texts = read_texts(args.input)
     if not texts:
         raise LmlabError(f"{args.input}: no texts")
@@ -155,24 +174,41 @@ def cmd_classify(args: argparse.Namespace) -> int:
     if counts is not None and sum(counts) != len(texts):
         raise LmlabError(f"counts {','.join(map(str, counts))} add up to {sum(counts)}, but {args.input} has "
                          f"{len(texts)} texts")
-    tokenizer = load_tokenizer(args.model)
-    options = ClassifyConfig(z_threshold=args.z_threshold, hard_fraction=args.hard_fraction)
-    if counts is None:
-        decisions = classify_texts(texts, tokenizer, _redlist(args, tokenizer), options, progress=not args.no_progress)
-    else:
-        decisions = classify_counts(texts, tokenizer, counts, _redlist(args, tokenizer), options,
-                                    progress=not args.no_progress)
     report = args.report or str(Path(args.output).with_suffix(".json"))
     if Path(report).resolve() == Path(args.input).resolve():  # texts.json -> texts.npy: keep the input
         report = args.report or str(Path(args.output).with_suffix(".scores.json"))
     if Path(report).resolve() == Path(args.input).resolve():
         raise LmlabError(f"--report {report} would overwrite the input")
     refuse_existing([args.output, report], args.overwrite)
+    extra = {}
+    if args.key_free:
+        from lmlab.models import load_model
+        from lmlab.watermark.keyfree import KeyFreeConfig, classify_key_free
+
+        device, dtype = placement(args)
+        model, tokenizer = load_model(args.model, device=device, dtype=dtype)
+        config = KeyFreeConfig()
+        decisions = classify_key_free(texts, model.eval(), tokenizer, counts, config, progress=not args.no_progress)
+        extra = {"key_free": {"model": args.model, "features": list(config.features), "top_k": config.top_k}}
+    else:
+        from lmlab.models import load_tokenizer
+        from lmlab.watermark import ClassifyConfig, classify_counts, classify_texts
+
+        tokenizer = load_tokenizer(args.model)
+        options = ClassifyConfig(z_threshold=4.0 if args.z_threshold is None else args.z_threshold,
+                                 hard_fraction=0.9 if args.hard_fraction is None else args.hard_fraction)
+        if counts is None:
+            decisions = classify_texts(texts, tokenizer, _redlist(args, tokenizer), options,
+                                       progress=not args.no_progress)
+        else:
+            decisions = classify_counts(texts, tokenizer, counts, _redlist(args, tokenizer), options,
+                                        progress=not args.no_progress)
     counts = {name: sum(d.code == code for d in decisions) for code, name in NAMES.items()}
-    write_json(report, {"codes": NAMES, "counts": counts, "texts": [d.to_dict() for d in decisions]})
+    write_json(report, {"codes": NAMES, "counts": counts, **extra, "texts": [d.to_dict() for d in decisions]})
     save_npy(args.output, [d.code for d in decisions])
     if args.json:
-        print_json({"guesses": [d.code for d in decisions], "counts": counts, "report": report})
+        print_json({"guesses": [d.code for d in decisions], "counts": counts, "key_free": args.key_free,
+                    "report": report})
     else:
         print(f"{len(decisions)} texts: " + ", ".join(f"{n} {name}" for name, n in counts.items() if n)
               + f" -> {args.output} (scores: {report})", file=sys.stdout)
@@ -207,19 +243,26 @@ def register(sub) -> None:
         d = wsub.add_parser(name, help=text)
         d.add_argument("--input", required=True,
                        help="texts: .json list or {'texts': [...]}, .jsonl with 'text', .npy of strings, or .txt lines")
-        d.add_argument("--model", default=DEFAULT_MODEL, help="whose tokenizer (no weights are loaded)")
-        d.add_argument("--z-threshold", type=finite_float, default=4.0,
-                       help="z score from which a text counts as red-list watermarked")
+        d.add_argument("--model", default=DEFAULT_MODEL,
+                       help="whose tokenizer (no weights are loaded, except by classify --key-free)")
+        d.add_argument("--z-threshold", type=finite_float, default=None,
+                       help="z score from which a text counts as red-list watermarked (4.0)")
         d.add_argument("--json", action="store_true")
         _redlist_args(d)
         if name == "classify":
             d.add_argument("--output", required=True, help="guesses as an .npy of ints")
             d.add_argument("--report", default=None, help="JSON with the scores behind each guess (default: "
                                                           "the output with .json, or .scores.json if that is the input)")
-            d.add_argument("--hard-fraction", type=positive_float, default=0.9,
+            d.add_argument("--hard-fraction", type=positive_float, default=None,
                            help="green share above which watermarked text is hard (0.9)")
             d.add_argument("--no-progress", action="store_true")
             d.add_argument("--overwrite", action="store_true", help="replace an existing --output and --report")
+            d.add_argument("--key-free", action="store_true",
+                           help="the key is unknown: tell the kinds apart by how the texts read to --model (its "
+                                "weights are loaded: perplexity, top-1 / top-5 share, surprise) and their e's, "
+                                "clustered (exactly the counts with --balanced / --counts); no --key, --gamma, "
+                                "--seeding-scheme, --green-list, --z-threshold or --hard-fraction")
+            add_device_args(d)
             known = d.add_mutually_exclusive_group()
             known.add_argument("--balanced", type=nonnegative_int, default=None, metavar="N",
                                help="exactly N texts of each kind: an optimal assignment over per-text costs "

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lmlab.errors import LmlabError
@@ -129,7 +130,9 @@ def checked_green_ids(function, spec: str, previous: int, vocab_size: int) -> to
     where = f"--green-list {spec}: f({previous}, {vocab_size})"
     try:
         result = function(previous, vocab_size)
-        ids = torch.as_tensor(list(result) if not isinstance(result, torch.Tensor) else result)
+        if not isinstance(result, torch.Tensor):  # an array whole: a list of numpy ints converts one by one
+            result = np.asarray(result if hasattr(result, "__array__") else list(result))
+        ids = torch.as_tensor(result)
     except Exception as exc:
         raise LmlabError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
     if ids.numel() == 0:
