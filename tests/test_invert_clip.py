@@ -399,3 +399,31 @@ def test_guesses_longer_than_77_tokens_are_refused(bpe_clip):
     encoder = load_encoder(f"clip:{bpe_clip}")
     with pytest.raises(LmlabError, match="max words 76: the encoder reads at most 75 tokens"):
         invert(encoder.encode(["fire"]), encoder, InvertConfig(max_words=76), progress=False)
+
+
+@pytest.mark.parametrize("text_cfg,message", [
+    ({"heads": 4, "pool_type": "last"}, "pool_type='last'"),
+    ({"heads": 4, "no_causal_mask": True}, "no_causal_mask=True"),
+    ({"heads": 4, "act_layer": "relu"}, "act_layer='relu'"),
+])
+def test_open_clip_settings_lmlab_does_not_run_are_refused(open_clip_dir, text_cfg, message):
+    """A text_cfg that changes the forward without adding weights is refused, not silently ignored."""
+    folder, _ = open_clip_dir
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"text_cfg": text_cfg}}))
+    with pytest.raises(LmlabError, match=message):
+        load_encoder(f"clip:{folder}")
+
+
+def test_quick_gelu_is_read_from_the_config_and_its_absence_is_said(open_clip_dir, capsys):
+    """quick_gelu (OpenAI's weights) changes the embedding; without a config lmlab says what it assumed."""
+    folder, _ = open_clip_dir
+    gelu = load_encoder(f"clip:{folder}").encode(TEXTS)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True,
+                                                                            "text_cfg": {"heads": 4}}}))
+    quick = load_encoder(f"clip:{folder}").encode(TEXTS)
+    assert not torch.allclose(gelu, quick, atol=1e-4)
+    capsys.readouterr()
+    (folder / "open_clip_config.json").unlink()
+    load_encoder(f"clip:{folder}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "assuming GELU" in err[0]

@@ -142,6 +142,25 @@ def test_a_tokenizer_that_appends_eos_keeps_it_after_the_tail():
     assert item.prompt_ids == [3] + [8] * 5 + [4, 1] and len(item) == 12  # summarize: word x 5 tl;dr </s>
 
 
+def test_a_bart_like_tokenizer_gives_the_decoder_bos_summary_eos():
+    """BART's tokenizer wraps every text in <s> ... </s>, and transformers' recipe (text_target) trains
+    the decoder on exactly that: bart-large's generation config forces <s> as the first new token, so
+    labels without it would train on a sequence generation never produces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<s>", "<pad>", "</s>", "<unk>", "summarize:", "a", "b", "c", "word"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    bart_like = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    data = SftData(source="-", max_length=12, template="summarize: {post}")
+    item = summarization_items(bart_like, [{"post": "word " * 20, "summary": "a b c"}], data, seq2seq=True)[0]
+    assert item.completion_ids == [0, 5, 6, 7, 2]  # <s> a b c </s>
+    assert item.prompt_ids == [0, 4] + [8] * 4 + [2] and len(item) == 12
+
+
 # --- end to end ------------------------------------------------------------------------------------
 
 
@@ -330,3 +349,25 @@ def test_finetune_and_generation_make_nothing_off_the_models_device(t5_dir, pair
         evaluate_scoring(model, tokenizer, TaskFormat(label_words=("very negative", "positive")), examples,
                          batch_size=2, progress=False)
     assert recorder.seen and recorder.strays() == []
+
+
+def test_bart_generates_the_same_in_a_batch_as_alone():
+    """BART's encoder adds learned absolute positions: a left-padded prompt would read other positions
+    than alone (and than training's right padding), so generation pads an encoder's prompts on the right."""
+    from lmlab.generate import SamplingConfig, sample
+    from lmlab.models import build_model, preset_config
+
+    class Tok:  # ids in, ids out: enough of a tokenizer for sample()
+        pad_token_id, eos_token_id = 1, 2
+
+        def batch_decode(self, rows, skip_special_tokens=True):
+            return [" ".join(map(str, r.tolist())) for r in rows]
+
+    config = preset_config("tiny-bart")
+    config.init_std = 0.5  # a random model whose greedy texts depend on its input
+    model = build_model(config).eval()
+    prompts = [[0, 11, 12, 13, 2], [0, *range(100, 140), 2]]
+    config = SamplingConfig(max_new_tokens=6, temperature=0.0, batch_size=2)
+    together = sample(model, Tok(), prompts, config, progress=False)
+    alone = [sample(model, Tok(), [p], config, progress=False)[0] for p in prompts]
+    assert together == alone and len({t[0] for t in alone}) == 2, (together, alone)

@@ -313,14 +313,16 @@ def _encoder_decoder(config: FinetuneConfig) -> bool:
     """Whether the model is an encoder-decoder (from its config, before any weights load); one line
     for what lmlab does not run on one."""
     from lmlab import seq2seq
-    from lmlab.models import model_config
+    from lmlab.models import model_config, model_spec
 
-    if not seq2seq.is_seq2seq(model_config(config.model)):
+    model_cfg = model_config(config.model)
+    if not seq2seq.is_seq2seq(model_cfg):
         return False
     seq2seq.check_task(config.task, config.model)
-    if config.method == "prefix":
+    if config.method == "prefix":  # BitFit only where the model has biases (BART, not T5)
+        other = "lora, adapter, bitfit or full" if model_spec(model_cfg).has_bias else "lora, adapter or full"
         raise LmlabError(f"{config.model} is an encoder-decoder model: --method prefix is for decoder-only "
-                         "models here; use lora, adapter, bitfit or full")
+                         f"models here; use {other}")
     return True
 
 

@@ -142,8 +142,14 @@ def sample_tokens(model, tokenizer, prompts: list[str] | list[list[int]], config
         for start in range(0, len(order), config.batch_size):
             idx = order[start:start + config.batch_size]
             width = max(len(encoded[i]) for i in idx)
-            ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in idx], device=device)  # (B, T)
-            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx], device=device)
+            # decoder-only: left padding, so every row continues from the last column; an encoder (BART's
+            # learned absolute positions) reads its prompt right-padded, as seq2seq.collate trains it
+            def padded(row: list[int], fill: int) -> list[int]:
+                gap = [fill] * (width - len(row))
+                return gap + row if decoder_only else row + gap
+
+            ids = torch.tensor([padded(encoded[i], pad) for i in idx], device=device)  # (B, T)
+            mask = torch.tensor([padded([1] * len(encoded[i]), 0) for i in idx], device=device)
             # generate repeats each row ``samples`` times, but not a cache: its rows come repeated
             shifts = [width - len(encoded[i]) for i in idx for _ in range(config.samples)]
             cache = left_padded_cache(prefix, shifts) if prefix is not None else None

@@ -163,7 +163,8 @@ def special_suffix_length(tokenizer) -> int:
 
 def summarization_items(tokenizer, rows: list[dict], data: SftData, *, seq2seq: bool = False) -> list[Encoded]:
     """Prompt ``template`` around the post (``<post>\\nTL;DR:`` by default), completion
-    `` <summary><eos>`` (no leading space for an encoder-decoder model: its decoder starts afresh).
+    `` <summary><eos>``; for an encoder-decoder model the summary tokenised with the tokenizer's
+    special tokens, as transformers' ``text_target`` (T5 ``<summary></s>``, BART ``<s><summary></s>``).
 
     The head and the post are tokenised together, with the tokenizer's special tokens (its BOS);
     the post is cut at its end to fit ``max_length``, and the tail (tokenised alone, as before any
@@ -173,10 +174,13 @@ def summarization_items(tokenizer, rows: list[dict], data: SftData, *, seq2seq: 
     tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
     head_length = len(tokenizer(head, add_special_tokens=False)["input_ids"]) if head else 0
     n_suffix = special_suffix_length(tokenizer)
-    space = "" if seq2seq else " "
     items = []
     for row in rows:
-        summary = tokenizer(space + row[data.summary_column].strip(), add_special_tokens=False)["input_ids"] + eos
+        if seq2seq:  # the decoder's target as transformers' text_target: T5 "x </s>", BART "<s> x </s>"
+            summary = tokenizer(row[data.summary_column].strip())["input_ids"]
+            summary += eos if summary[-1:] != eos else []
+        else:
+            summary = tokenizer(" " + row[data.summary_column].strip(), add_special_tokens=False)["input_ids"] + eos
         ids = tokenizer(head + row[data.post_column].strip())["input_ids"]  # with BOS if the tokenizer adds one
         body, suffix = ids[:len(ids) - n_suffix], ids[len(ids) - n_suffix:]
         room = data.max_length - len(summary) - len(tail_ids) - len(suffix)

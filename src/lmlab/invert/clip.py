@@ -51,7 +51,8 @@ def bpe_vocab(path: str | Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
     of OpenAI's ``SimpleTokenizer`` and the Hugging Face ``vocab.json``: the 256 byte symbols, the
     same with "</w>", one token per merge (48,894), then <|startoftext|> and <|endoftext|>."""
     try:
-        lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
     except (OSError, UnicodeDecodeError, EOFError) as exc:
         raise LmlabError(f"{path}: not CLIP's BPE merges file ({' '.join(str(exc).split())[:80]})") from None
     merges = lines[1:49152 - 256 - 2 + 1]  # the first line is a header; CLIP keeps 48,894 merges
@@ -164,8 +165,16 @@ def _open_clip_settings(folder: Path) -> tuple[int | None, bool]:
     cfg = read_json(path)
     cfg = cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else {}
     text = cfg.get("text_cfg", {}) if isinstance(cfg, dict) else {}
-    heads = text.get("heads") if isinstance(text, dict) else None
-    return (int(heads) if isinstance(heads, int) and heads > 0 else None), bool(cfg.get("quick_gelu", False))
+    text = text if isinstance(text, dict) else {}
+    # settings that change the forward without adding weights: refused rather than silently ignored
+    plain = {"no_causal_mask": (None, False), "pool_type": (None, "argmax"), "embed_cls": (None, False),
+             "act_layer": (None, "gelu", "quick_gelu"), "norm_kwargs": (None, {})}
+    odd = [f"{k}={text[k]!r}" for k, allowed in plain.items() if text.get(k) not in allowed]
+    if odd:
+        raise LmlabError(f"{path}: text_cfg {', '.join(odd)} is not a plain CLIP text tower, which lmlab runs")
+    heads = text.get("heads")
+    quick = bool(cfg.get("quick_gelu", False)) or text.get("act_layer") == "quick_gelu"
+    return (int(heads) if isinstance(heads, int) and heads > 0 else None), quick
 
 
 def _refuse_pickle(path: Path, spec: str) -> None:
@@ -216,8 +225,14 @@ def load_clip(path: str, *, device: torch.device | str = "cpu", dtype: torch.dty
                          f"{config['num_attention_heads']} heads")
     config = CLIPTextConfig(**config, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id)
-    return TextEncoder(tower(config, hf_state, dtype).to(device), tokenizer, "clip", source=str(p),
-                       max_length=config.max_position_embeddings)
+    encoder = TextEncoder(tower(config, hf_state, dtype).to(device), tokenizer, "clip", source=str(p),
+                          max_length=config.max_position_embeddings)
+    if not (p.parent / "open_clip_config.json").is_file():  # said once the checkpoint has loaded
+        import sys
+
+        print(f"lmlab: no open_clip_config.json beside {p.name}: assuming GELU and 64-wide heads (OpenAI's "
+              "CLIP weights use QuickGELU: put their open_clip_config.json beside them)", file=sys.stderr)
+    return encoder
 
 
 def tower(config, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None):
