@@ -124,7 +124,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     texts = read_texts(args.input)
     if not texts:
         raise LmlabError(f"{args.input}: no texts")
-    z_threshold = 4.0 if args.z_threshold is None else args.z_threshold
+    from lmlab.watermark import ClassifyConfig
+
+    z_threshold = ClassifyConfig().z_threshold if args.z_threshold is None else args.z_threshold
     tokenizer = load_tokenizer(args.model)
     lists = GreenLists(_redlist(args, tokenizer))
     rows = []
@@ -195,8 +197,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
         from lmlab.watermark import ClassifyConfig, classify_counts, classify_texts
 
         tokenizer = load_tokenizer(args.model)
-        options = ClassifyConfig(z_threshold=4.0 if args.z_threshold is None else args.z_threshold,
-                                 hard_fraction=0.9 if args.hard_fraction is None else args.hard_fraction)
+        given = {"z_threshold": args.z_threshold, "hard_fraction": args.hard_fraction}
+        options = ClassifyConfig(**{k: v for k, v in given.items() if v is not None})  # its defaults otherwise
         if counts is None:
             decisions = classify_texts(texts, tokenizer, _redlist(args, tokenizer), options,
                                        progress=not args.no_progress)
