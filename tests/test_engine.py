@@ -332,6 +332,61 @@ def test_two_process_resume_equals_an_uninterrupted_run(sharded, tiny_model_dir,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+SHARE_DRIVER = """
+import json, os, sys
+
+from lmlab import dpo, train
+from lmlab.cli import main
+
+
+def recording(real):
+    def evaluate(self, model, device, indices):
+        ours = real(self, model, device, indices)
+        whole = real(self, model, device, list(range(self.val_size)))  # the same weights, in one process
+        row = {"indices": indices, "whole": {k: float(s) / max(float(c), 1) for k, (s, c) in whole.items()}}
+        with open(sys.argv[1] + ".rank" + os.environ["RANK"], "a") as f:
+            f.write(json.dumps(row) + "\\n")
+        return ours
+    return evaluate
+
+
+train.LabelTask.evaluate = recording(train.LabelTask.evaluate)
+dpo.DpoTask.evaluate = recording(dpo.DpoTask.evaluate)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("trainer", ["finetune", "dpo"])
+def test_two_processes_split_the_validation_set_and_add_up_its_metrics(trainer, tiny_model_dir, toy_dataset,
+                                                                       tmp_path):
+    """Under DDP each process scores every second held-out item, not the whole set again, and the
+    logged validation metrics are the whole set's: equal to scoring it in one process."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(SHARE_DRIVER)
+    out = tmp_path / "run"
+    if trainer == "dpo":
+        rows = [{"prompt": f"Review: a film about thing {i}.\nSentiment:", "chosen": " positive",
+                 "rejected": " negative"} for i in range(30)]
+        data = tmp_path / "pairs.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        argv = ["dpo", "--model", tiny_model_dir, "--data", str(data), "--out-dir", str(out), "--max-iters", "2",
+                "--eval-interval", "2", "--batch-size", "4", "--rank", "4", "--no-progress", "--json"]
+    else:
+        argv = finetune_args(tiny_model_dir, toy_dataset, out, "--json")
+    done = two_processes(str(driver), str(tmp_path / "shares"), *argv)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text())["processes"] == 2
+    shares = [json.loads((tmp_path / f"shares.rank{r}").read_text().splitlines()[-1]) for r in (0, 1)]
+    size = len(shares[0]["indices"]) + len(shares[1]["indices"])
+    assert size > 2 and sorted(shares[0]["indices"] + shares[1]["indices"]) == list(range(size))
+    assert abs(len(shares[0]["indices"]) - len(shares[1]["indices"])) <= 1
+    logged = engine.read_metrics(out)[-1]
+    whole = shares[0]["whole"]
+    assert whole.keys() == {k[4:] for k in logged if k.startswith("val_") and logged[k] is not None}
+    for name, value in whole.items():
+        assert logged[f"val_{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
 def test_dpo_reports_to_tensorboard(tiny_model_dir, tmp_path):
     """DPO logs through accelerate's trackers as fine-tuning does (it had none before the engine);
     tensorboard comes with the test extras."""

@@ -43,10 +43,11 @@ def test_best_holds_the_weights_of_the_lowest_validation_loss(tiny_model_dir, sm
     seen = []  # (task, trainable weights, real validation loss) per evaluation
     real_evaluate = train_mod.LabelTask.evaluate
 
-    def scripted(task, model, device):
-        real = real_evaluate(task, model, device)["loss"]
-        seen.append((task, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, real))
-        return {"loss": script[len(seen) - 1]}
+    def scripted(task, model, device, indices):
+        total, count = real_evaluate(task, model, device, indices)["loss"]
+        seen.append((task, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+                     float(total / count)))
+        return {"loss": (script[len(seen) - 1], 1)}
 
     monkeypatch.setattr(train_mod.LabelTask, "evaluate", scripted)
     run = tmp_path / "run"

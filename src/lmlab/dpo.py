@@ -82,13 +82,6 @@ def pair_logps(model, pairs: list[Pair], pad_id: int, device=None) -> tuple[torc
     return logps[:len(pairs)], logps[len(pairs):]
 
 
-def batch_metrics(losses, chosen_rewards, rejected_rewards) -> dict:
-    margin = chosen_rewards - rejected_rewards
-    return {"loss": losses.mean().item(), "chosen_reward": chosen_rewards.mean().item(),
-            "rejected_reward": rejected_rewards.mean().item(), "margin": margin.mean().item(),
-            "accuracy": (margin > 0).float().mean().item()}
-
-
 # --- data ------------------------------------------------------------------------------------
 
 
@@ -149,21 +142,36 @@ def reference_logps(model, pairs: list[Pair], pad_id: int, batch_size: int) -> t
     return torch.cat(chosen), torch.cat(rejected)
 
 
+METRICS = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy")  # per pair, averaged
+
+
 @torch.no_grad()
-def evaluate_pairs(model, pairs: list[Pair], ref: tuple[torch.Tensor, torch.Tensor], pad_id: int, beta: float,
-                   batch_size: int, device=None) -> dict:
+def pair_metric_sums(model, pairs: list[Pair], ref: tuple[torch.Tensor, torch.Tensor], pad_id: int, beta: float,
+                     batch_size: int, device=None) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per metric of ``METRICS``, (its sum over ``pairs``, the number of pairs), in eval mode;
+    ``ref`` holds the pairs' reference log-probabilities, row for row."""
     from lmlab.devices import model_device
 
     device = device or model_device(model)
     was_training = model.training
     model.eval()
-    parts = []
+    sums = torch.zeros(len(METRICS), device=device)
     for start in range(0, len(pairs), batch_size):
         c, r = pair_logps(model, pairs[start:start + batch_size], pad_id, device)
         window = slice(start, start + batch_size)
-        parts.append(dpo_loss(c.float(), r.float(), ref[0][window].to(device), ref[1][window].to(device), beta))
+        losses, chosen, rejected = dpo_loss(c.float(), r.float(), ref[0][window].to(device),
+                                            ref[1][window].to(device), beta)
+        margin = chosen - rejected
+        sums = sums + torch.stack([x.sum() for x in (losses, chosen, rejected, margin, (margin > 0).float())])
     model.train(was_training)
-    return batch_metrics(*(torch.cat(x) for x in zip(*parts)))
+    return {name: (sums[i], len(pairs)) for i, name in enumerate(METRICS)}
+
+
+def evaluate_pairs(model, pairs: list[Pair], ref: tuple[torch.Tensor, torch.Tensor], pad_id: int, beta: float,
+                   batch_size: int, device=None) -> dict[str, float]:
+    """Mean DPO loss, rewards, margin and preference accuracy over ``pairs``."""
+    sums = pair_metric_sums(model, pairs, ref, pad_id, beta, batch_size, device)
+    return {name: float(total) / max(n, 1) for name, (total, n) in sums.items()}
 
 
 class DpoTask:
@@ -178,6 +186,7 @@ class DpoTask:
         self.train_pairs, self.val_pairs, self.ref_train, self.ref_val = train_pairs, val_pairs, ref_train, ref_val
         self.pad_id, self.config, self.eval_batch_size = pad_id, config, eval_batch_size
         self.lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in train_pairs]
+        self.val_size = len(val_pairs)
 
     def collate(self, indices: list[int], device):
         batch = left_pad_batch(pair_items([self.train_pairs[i] for i in indices]), self.pad_id, device=device)
@@ -198,9 +207,11 @@ class DpoTask:
                    "margin": margin.mean(), "accuracy": (margin > 0).float().mean()}
         return losses.mean(), metrics, mask.sum()
 
-    def evaluate(self, model, device) -> dict:
-        return evaluate_pairs(model, self.val_pairs, self.ref_val, self.pad_id, self.config.beta,
-                              self.eval_batch_size, device)
+    def evaluate(self, model, device, indices: list[int]) -> dict:
+        index = torch.tensor(indices, dtype=torch.long, device=self.ref_val[0].device)
+        return pair_metric_sums(model, [self.val_pairs[i] for i in indices],
+                                (self.ref_val[0][index], self.ref_val[1][index]), self.pad_id, self.config.beta,
+                                self.eval_batch_size, device)
 
     def plot(self, rows: list[dict], out_dir: Path, title: str) -> None:
         plot_curves(rows, out_dir / "dpo.png")

@@ -85,17 +85,19 @@ class TrainConfig:
 class Task(Protocol):
     """What a trainer supplies. ``loss`` returns (loss, metrics, tokens): metrics are 0-d tensors or
     numbers averaged over the log window as ``train_<name>``; tokens count the batch's real
-    (non-padding) tokens. ``evaluate`` returns ``{"loss": ..., ...}``, logged as ``val_<name>``;
-    its ``loss`` picks the best checkpoint."""
+    (non-padding) tokens. ``evaluate`` returns ``{"loss": (sum, count), ...}`` over the held-out
+    items at ``indices`` (of ``val_size``); the engine adds them up over processes and logs each
+    sum / count as ``val_<name>``; the mean ``loss`` picks the best checkpoint."""
 
     name: str
     lengths: list[int]
+    val_size: int
 
     def collate(self, indices: list[int], device: torch.device) -> Any: ...
 
     def loss(self, model, batch) -> tuple[torch.Tensor, dict, Any]: ...
 
-    def evaluate(self, model, device: torch.device) -> dict: ...
+    def evaluate(self, model, device: torch.device, indices: list[int]) -> dict[str, tuple[Any, Any]]: ...
 
     def plot(self, rows: list[dict], out_dir: Path, title: str) -> None: ...
 
@@ -206,10 +208,9 @@ def fit(model, task: Task, method_config, cfg: TrainConfig, run_info: dict | Non
     step, window, window_tokens, window_t0 = state["step"], [], 0, time.time()
     start_time = time.time() - state["seconds"]
 
-    def evaluate() -> dict:  # sharded parameters are gathered by the wrapper's forward only
+    def evaluate() -> dict:
         with accelerator.autocast():
-            return task.evaluate(wrapped if checkpoint.sharded(accelerator) else accelerator.unwrap_model(wrapped),
-                                 device)
+            return validate(task, wrapped, accelerator, device)
 
     with _stop_requests() as stop:
         while step < total:
@@ -262,6 +263,29 @@ def fit(model, task: Task, method_config, cfg: TrainConfig, run_info: dict | Non
     accelerator.free_memory()  # the wrapped model and optimizer state go when the caller lets go
     return TrainResult(step, state["best_val_loss"], state["best_step"], state["last_val_loss"],
                        time.time() - start_time, str(out))
+
+
+def validation_shard(size: int, rank: int, world: int, split: bool) -> list[int]:
+    """The held-out items one process evaluates: every ``world``-th from ``rank`` when the
+    processes split the set, else all of them."""
+    return list(range(rank, size, world)) if split else list(range(size))
+
+
+def validate(task: Task, wrapped, accelerator, device: torch.device) -> dict[str, float]:
+    """The task's validation metrics over the whole held-out set. Under DDP each process scores its
+    share with its own copy of the model and the sums are added up across processes; under FSDP /
+    ZeRO-3 the parameters are gathered by the wrapper's forward only, which every process must run
+    alike, so each process scores the whole set."""
+    split = accelerator.num_processes > 1 and not checkpoint.sharded(accelerator)
+    model = accelerator.unwrap_model(wrapped) if not checkpoint.sharded(accelerator) else wrapped
+    indices = validation_shard(task.val_size, accelerator.process_index, accelerator.num_processes, split)
+    sums = task.evaluate(model, device, indices)
+    totals = torch.stack([torch.stack([torch.as_tensor(s, dtype=torch.float32, device=device).reshape(()),
+                                       torch.as_tensor(c, dtype=torch.float32, device=device).reshape(())])
+                          for s, c in sums.values()])  # (metrics, 2): sum, count
+    if split:
+        totals = accelerator.reduce(totals, reduction="sum")
+    return {name: float(t[0] / t[1].clamp(min=1)) for name, t in zip(sums, totals)}
 
 
 def _stop_now(stop, accelerator) -> bool:

@@ -14,7 +14,6 @@ decoder's log-probabilities of each label's tokens.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -86,59 +85,22 @@ def decoder_ids(model) -> tuple[int, int]:
     return start, config.pad_token_id if config.pad_token_id is not None else start
 
 
-@torch.no_grad()
-def validation_loss(model, items: list[Encoded], pad_id: int, batch_size: int, device=None) -> float:
-    """Label-token loss over ``items`` (eval mode: merged LoRA, no dropout), on ``device``
-    (default: the model's)."""
-    from lmlab.devices import model_device
+def task(model, tokenizer, train_items: list[Encoded], val_items: list[Encoded], eval_batch_size: int):
+    """The engine's task for an encoder-decoder ``model``: a ``train.LabelTask`` whose batches put
+    the prompt in the encoder (right-padded, ``collate``) and the completion in the decoder's labels,
+    with the loss of ``seq2seq_loss`` (the model's decoder start and pad ids)."""
+    from lmlab.train import LabelTask
 
-    device = device or model_device(model)
     start, decoder_pad = decoder_ids(model)
-    was_training = model.training
-    model.eval()
-    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    order = sorted(range(len(items)), key=lambda i: len(items[i]))
-    for s in range(0, len(order), batch_size):
-        batch = collate([items[i] for i in order[s:s + batch_size]], pad_id, device=device)
-        loss, n = seq2seq_loss(model, *batch, start, decoder_pad)
-        total, count = total + loss.float() * n, count + n
-    model.train(was_training)
-    return float(total / count.clamp(min=1))
+    pad_id = tokenizer.pad_token_id
 
-
-class Seq2SeqTask:
-    """The engine's task for an encoder-decoder model: ``Encoded`` items (encoder ids, label ids),
-    loss on the labels, validation loss on held-out items."""
-
-    name = "fine-tuning"
-
-    def __init__(self, train_items: list[Encoded], val_items: list[Encoded], pad_id: int, start_id: int,
-                 decoder_pad_id: int, eval_batch_size: int):
-        self.train_items, self.val_items, self.pad_id = train_items, val_items, pad_id
-        self.start_id, self.decoder_pad_id, self.eval_batch_size = start_id, decoder_pad_id, eval_batch_size
-        self.lengths = [len(i) for i in train_items]
-
-    def collate(self, indices: list[int], device):
-        return collate([self.train_items[i] for i in indices], self.pad_id, device=device)
-
-    def loss(self, model, batch):
+    def loss(model, batch):
         input_ids, mask, labels = batch
-        loss, n = seq2seq_loss(model, input_ids, mask, labels, self.start_id, self.decoder_pad_id)
-        return loss, {"loss": loss}, mask.sum() + n
+        mean, n = seq2seq_loss(model, input_ids, mask, labels, start, decoder_pad)
+        return mean, n, mask.sum() + n
 
-    def evaluate(self, model, device) -> dict:
-        return {"loss": validation_loss(model, self.val_items, self.pad_id, self.eval_batch_size, device)}
-
-    def plot(self, rows: list[dict], out_dir: Path, title: str) -> None:
-        from lmlab.plots import plot_losses
-
-        plot_losses(rows, out_dir / "loss.png", title=f"{title} fine-tuning")
-
-
-def task(model, tokenizer, train_items: list[Encoded], val_items: list[Encoded], eval_batch_size: int) -> Seq2SeqTask:
-    """The ``Seq2SeqTask`` of ``model`` (its decoder's start and pad ids) and ``tokenizer`` (its pad id)."""
-    start, decoder_pad = decoder_ids(model)
-    return Seq2SeqTask(train_items, val_items, tokenizer.pad_token_id, start, decoder_pad, eval_batch_size)
+    return LabelTask(train_items, val_items, pad_id, eval_batch_size,
+                     batch=lambda items, device: collate(items, pad_id, device=device), loss=loss)
 
 
 def label_logprobs(model, items: list[Encoded], completions: list[list[int]], pad_id: int,

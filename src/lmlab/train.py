@@ -49,47 +49,73 @@ def label_loss(model, input_ids, attention_mask, position_ids, labels) -> tuple[
     return loss, n
 
 
+def decoder_batch(items: list[Encoded], pad_id: int, device) -> tuple:
+    """A decoder-only model's batch: prompt + completion rows, left-padded (``data.left_pad_batch``)."""
+    return left_pad_batch(items, pad_id, device=device)
+
+
+def decoder_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean label loss, label tokens, real tokens) of a ``decoder_batch``."""
+    loss, n = label_loss(model, *batch)
+    return loss, n, batch[1].sum()
+
+
 @torch.no_grad()
-def validation_loss(model, items: list[Encoded], pad_id: int, batch_size: int, device=None,
-                    progress: bool = False) -> float:
-    """Label-token loss over ``items`` (eval mode: merged LoRA, no dropout), on ``device``
-    (default: the model's)."""
-    from lmlab.devices import model_device
+def label_loss_sums(model, items: list[Encoded], batch_size: int, device, batch, loss,
+                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed label-token loss, label tokens) over ``items`` in eval mode (merged LoRA, no
+    dropout), batched by length; 0-d tensors on ``device``. ``batch(items, device)`` and
+    ``loss(model, batch)`` read the items as a ``LabelTask`` does."""
     from lmlab.progress import bar
 
-    device = device or model_device(model)
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
     order = sorted(range(len(items)), key=lambda i: len(items[i]))
     for start in bar(range(0, len(order), batch_size), enabled=progress, desc="scoring", unit="batch"):
-        batch = left_pad_batch([items[i] for i in order[start:start + batch_size]], pad_id, device=device)
-        loss, n = label_loss(model, *batch)
-        total, count = total + loss.float() * n, count + n
+        mean, n, _ = loss(model, batch([items[i] for i in order[start:start + batch_size]], device))
+        total, count = total + mean.float() * n, count + n
     model.train(was_training)
+    return total, count
+
+
+def validation_loss(model, items: list[Encoded], pad_id: int, batch_size: int, device=None,
+                    progress: bool = False) -> float:
+    """Label-token loss over ``items`` (eval mode: merged LoRA, no dropout), on ``device``
+    (default: the model's)."""
+    from lmlab.devices import model_device
+
+    total, count = label_loss_sums(model, items, batch_size, device or model_device(model),
+                                   lambda chunk, dev: decoder_batch(chunk, pad_id, dev), decoder_loss, progress)
     return float(total / count.clamp(min=1))
 
 
 class LabelTask:
-    """The engine's task for classification and SFT: ``Encoded`` items (prompt ids, completion ids),
-    loss on the completion tokens, validation loss on held-out items."""
+    """The engine's task for classification, SFT and summarization: ``Encoded`` items (prompt ids,
+    completion ids), loss on the completion tokens, validation loss on held-out items. A decoder-only
+    model reads ``decoder_batch``es; ``seq2seq.task`` gives an encoder-decoder its own ``batch``
+    (prompt in the encoder, completion as the decoder's labels) and ``loss``."""
 
     name = "fine-tuning"
 
-    def __init__(self, train_items: list[Encoded], val_items: list[Encoded], pad_id: int, eval_batch_size: int):
+    def __init__(self, train_items: list[Encoded], val_items: list[Encoded], pad_id: int, eval_batch_size: int,
+                 *, batch=None, loss=None):
         self.train_items, self.val_items, self.pad_id = train_items, val_items, pad_id
-        self.eval_batch_size = eval_batch_size
+        self.eval_batch_size, self.val_size = eval_batch_size, len(val_items)
         self.lengths = [len(i) for i in train_items]
+        self.batch = batch or (lambda items, device: decoder_batch(items, pad_id, device))
+        self.items_loss = loss or decoder_loss
 
     def collate(self, indices: list[int], device):
-        return left_pad_batch([self.train_items[i] for i in indices], self.pad_id, device=device)
+        return self.batch([self.train_items[i] for i in indices], device)
 
     def loss(self, model, batch):
-        loss, _ = label_loss(model, *batch)
-        return loss, {"loss": loss}, batch[1].sum()
+        loss, _, tokens = self.items_loss(model, batch)
+        return loss, {"loss": loss}, tokens
 
-    def evaluate(self, model, device) -> dict:
-        return {"loss": validation_loss(model, self.val_items, self.pad_id, self.eval_batch_size, device)}
+    def evaluate(self, model, device, indices: list[int]) -> dict:
+        return {"loss": label_loss_sums(model, [self.val_items[i] for i in indices], self.eval_batch_size, device,
+                                        self.batch, self.items_loss)}
 
     def plot(self, rows: list[dict], out_dir: Path, title: str) -> None:
         from lmlab.plots import plot_losses
