@@ -163,7 +163,7 @@ def test_evaluate_run_generates_and_scores_summaries(tiny_model_dir, tmp_path, c
     assert result["n"] == 2  # the folder's test.jsonl
     written = json.loads(out.read_text())
     # the scores are ROUGE of what the run generated: scoring the written predictions again agrees
-    from lmlab.evaluate import rouge
+    from lmlab.rouge import rouge
 
     again = rouge([e["prediction"] for e in written["examples"]], [r["summary"] for r in PAIRS[10:]])
     assert again["mean"] == written["mean"] == result["mean"]
@@ -324,7 +324,7 @@ def test_evaluate_sampled_decoding_is_reported_beside_greedy(tiny_model_dir, toy
 def test_rouge_of_k_samples_per_reference(tmp_path, capsys):
     """generate --samples k writes each prompt's k samples in a row: each is scored against its own
     reference, and best-of-k takes each reference's best."""
-    from lmlab.evaluate import rouge
+    from lmlab.rouge import rouge
 
     refs = ["the cat sat on the mat", "a dog ran in the park"]
     preds = ["the cat sat", "nothing here", "a dog ran in the park", "a dog"]

@@ -177,7 +177,7 @@ def test_lora_on_t5_memorises_a_pair_and_evaluate_scores_the_summaries_peft_writ
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from lmlab.evaluate import rouge
+    from lmlab.rouge import rouge
 
     run = tmp_path / "run"
     assert finetune(t5_dir, pairs, run, "--max-iters", "24", "--eval-interval", "8", "--target", "all-linear") == 0
@@ -322,8 +322,9 @@ def test_finetune_and_generation_make_nothing_off_the_models_device(t5_dir, pair
     generation and by label scores)."""
     from lmlab import engine, finetune, train
     from lmlab.data import Example, TaskFormat
-    from lmlab.evaluate import evaluate_generation, evaluate_scoring, generate_summaries
+    from lmlab.evaluate import evaluate_generation, evaluate_scoring
     from lmlab.finetune import FinetuneConfig
+    from lmlab.rouge import generate_summaries
 
     recorders = []
     real_fit = engine.fit

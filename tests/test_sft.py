@@ -13,8 +13,9 @@ from conftest import SHARED
 from lmlab import LmlabError
 from lmlab.cli import main
 from lmlab.data import Encoded
-from lmlab.evaluate import perplexity, rouge
+from lmlab.evaluate import perplexity
 from lmlab.models import build_model, preset_config
+from lmlab.rouge import rouge
 from lmlab.sft import (
     TLDR,
     SftData,
@@ -295,7 +296,7 @@ def test_evaluate_reuses_the_runs_template_unless_a_flag_says_otherwise(tiny_mod
                                                                         monkeypatch):
     """run.json records the template; evaluate RUN prompts with it (a forgotten flag), and a flag
     given wins. The prompts reach generation as the very ids finetune trained on."""
-    from lmlab import evaluate
+    from lmlab import rouge
     from lmlab.models import load_tokenizer
 
     run = tmp_path / "run"
@@ -310,7 +311,7 @@ def test_evaluate_reuses_the_runs_template_unless_a_flag_says_otherwise(tiny_mod
         seen.append([tokenizer.decode(i.prompt_ids) for i in items])
         return ["Count the words of file 10."] * len(items)
 
-    monkeypatch.setattr(evaluate, "generate_summaries", generate)
+    monkeypatch.setattr(rouge, "generate_summaries", generate)
     for flags, template in (([], "Post: {post}\nSummary:"), (["--template", "{post}\\nTL;DR:"], "{post}\nTL;DR:")):
         assert main(["evaluate", str(run), "--split", "validation", "--json", "--no-progress", *flags]) == 0
         assert json.loads(capsys.readouterr().out)["n"] == 2

@@ -52,7 +52,7 @@ def cmd_evaluate_generation_task(args: argparse.Namespace) -> int:
     """Summarization: ROUGE of the summaries a model or run writes for held-out posts (or of
     ``--predictions`` against ``--references``). Completion: the validation loss and perplexity
     of a base model or run on a corpus (a run's own held-out tail by default)."""
-    from lmlab import evaluate
+    from lmlab import evaluate, rouge
     from lmlab.data import subsample
 
     if args.scoring:
@@ -69,7 +69,7 @@ def cmd_evaluate_generation_task(args: argparse.Namespace) -> int:
         if args.limit is not None and references and args.limit < len(references):  # the first N references
             k = max(1, len(predictions) // len(references))  # and their k samples each
             predictions, references = predictions[:args.limit * k], references[:args.limit]
-        return _report_rouge(args, evaluate.rouge(predictions, references))
+        return _report_rouge(args, rouge.rouge(predictions, references))
     data = sft_data(args)
     refuse_existing([args.output], args.overwrite)
     device, dtype = placement(args)
@@ -109,9 +109,9 @@ def cmd_evaluate_generation_task(args: argparse.Namespace) -> int:
     split, rows = held_out_pairs(data, args.split)
     rows = subsample(rows, args.limit)
     items = summarization_items(tokenizer, rows, data, seq2seq=seq2seq.is_seq2seq(model))
-    predictions = evaluate.generate_summaries(model, tokenizer, items, max_new_tokens=args.max_new_tokens,
-                                              batch_size=args.batch_size, progress=progress)
-    result = evaluate.rouge(predictions, [r[data.summary_column] for r in rows])
+    predictions = rouge.generate_summaries(model, tokenizer, items, max_new_tokens=args.max_new_tokens,
+                                           batch_size=args.batch_size, progress=progress)
+    result = rouge.rouge(predictions, [r[data.summary_column] for r in rows])
     for row, prediction in zip(result["examples"], predictions, strict=True):
         row["prediction"] = prediction
     return _report_rouge(args, result, f"{data.source} / {split}, {args.checkpoint or args.model or DEFAULT_MODEL}, "
@@ -119,7 +119,7 @@ def cmd_evaluate_generation_task(args: argparse.Namespace) -> int:
 
 
 def _report_rouge(args: argparse.Namespace, result: dict, title: str | None = None) -> int:
-    from lmlab import evaluate
+    from lmlab import rouge
     from lmlab.io import write_json
 
     if args.output:
@@ -127,7 +127,7 @@ def _report_rouge(args: argparse.Namespace, result: dict, title: str | None = No
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "examples"}))
     else:
-        print((title + "\n" if title else "") + evaluate.format_rouge(result))
+        print((title + "\n" if title else "") + rouge.format_rouge(result))
     return 0
 
 
