@@ -1,4 +1,4 @@
-"""One bounded pass over lmlab on a GPU: training, evaluation, watermarks, inversion, DPO, QLoRA, speed.
+"""One bounded pass over lmlab on a GPU: training, evaluation, watermarks, inversion, DPO, QLoRA, speed, newer.
 
 Sections (bf16 on CUDA unless said; each one is timed, its peak CUDA memory is measured, and a
 failure is recorded as {"error": ...} without stopping the run; the JSON is rewritten after each):
@@ -14,17 +14,24 @@ failure is recorded as {"error": ...} without stopping the run; the JSON is rewr
   speed      lmlab vs peft + transformers Trainer (bf16=True): same model, same initial LoRA weights
              (r=16 on q,k,v, no dropout), same batches in the same order, same LR schedule;
              30 timed steps after 5 warm-up; tokens/s, ratio, peak memory and the losses of both
+  newer      what lmlab gained since (bench/gpu_check_newer.py, ~60 s, random weights built on the fly):
+             T5 and BART LoRA summarization (t5-small's and bart-base's architectures) and `lmlab evaluate
+             RUN`'s ROUGE; `watermark generate --schemes` token counts; `watermark classify --key-free`
+             in bf16 and fp32; inversion of a random CLIP text tower (`--encoder clip:PATH`)
 
-On the GPU (about 4-5 minutes). The device run carries at most 64 MiB and reaches no network, so
+On the GPU (about 5-6 minutes). The device run carries at most 64 MiB and reaches no network, so
 the embedded model's 94 MB GGUF and MiniLM's 88 MB cannot travel; ``--prepare`` writes what can
-(SmolLM2's config and tokenizer, MiniLM in fp16, the data: ~50 MB) into an ignored folder, and
-``--random-init`` trains SmolLM2-135M's exact architecture from random weights (speed, memory,
+(SmolLM2's config and tokenizer, MiniLM in fp16, the data: ~50 MB; bitsandbytes trimmed: ~8 MB;
+for newer, CLIP's BPE file and rouge_score, nltk and defusedxml zipped, which the device image lacks:
+~3 MB; ~59 MiB in all, so the working tree beside it must stay under ~5 MiB) into an ignored folder,
+and ``--random-init`` trains SmolLM2-135M's exact architecture from random weights (speed, memory,
 dtypes and the lmlab/peft comparison are those of the real model; accuracies are not):
 
     python bench/gpu_check.py --prepare gpu_assets --bnb-wheel bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl
     # on the device, carrying gpu_assets (python3 there holds CUDA torch, transformers and peft):
     PYTHONPATH=src:gpu_assets/site python3 bench/gpu_check.py --model gpu_assets/smollm2 --random-init \
-        --encoder gpu_assets/minilm16 --data gpu_assets/data --json $OUT/gpu_check.json
+        --encoder gpu_assets/minilm16 --data gpu_assets/data --newer-assets gpu_assets/newer \
+        --json $OUT/gpu_check.json
 
 On a CPU, to check the script itself (tiny random Llama + the real tokenizer, ~2-3 minutes):
 
@@ -51,7 +58,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("finetune", "evaluate", "watermark", "invert", "dpo", "qlora", "speed")
+SECTIONS = ("finetune", "evaluate", "watermark", "invert", "dpo", "qlora", "speed", "newer")
 FULL = dict(steps=20, eval_limit=64, test_n=200, wm_prompts=4, wm_tokens=50, inv_targets=10, inv_budget=5.0,
             dpo_pairs=200, dpo_steps=10, speed_warmup=5, speed_timed=30)
 SMOKE = dict(steps=4, eval_limit=16, test_n=32, wm_prompts=2, wm_tokens=12, inv_targets=2, inv_budget=2.0,
@@ -380,10 +387,26 @@ def sec_speed(ctx: Ctx) -> dict:
     return out
 
 
+def newer_module():
+    """bench/gpu_check_newer.py (its folder is on sys.path when this file runs as a script, not when
+    a test imports it by path)."""
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import gpu_check_newer
+
+    return gpu_check_newer
+
+
+def sec_newer(ctx: Ctx) -> dict:
+    """The paths lmlab gained after this script was written: bench/gpu_check_newer.py."""
+    return newer_module().sec_newer(ctx, error, log)
+
+
 def prepare(folder: Path, data: str, bnb_wheel: str | None) -> None:
     """What a device run can carry (<64 MiB): SmolLM2's config and tokenizer without weights,
-    all-MiniLM-L6-v2 with fp16 weights (read back as fp32 by load_encoder), the data folder, and
-    bitsandbytes unpacked from ``bnb_wheel`` into site/ with only its CPU and CUDA 13 libraries."""
+    all-MiniLM-L6-v2 with fp16 weights (read back as fp32 by load_encoder), the data folder, the newer
+    section's assets in newer/ (``gpu_check_newer.prepare``), and bitsandbytes unpacked from
+    ``bnb_wheel`` into site/ with only its CPU and CUDA 13 libraries."""
     import zipfile
 
     from safetensors.torch import load_file, save_file
@@ -399,6 +422,7 @@ def prepare(folder: Path, data: str, bnb_wheel: str | None) -> None:
               folder / "minilm16" / "model.safetensors", metadata={"format": "pt"})
     if Path(data).is_dir():
         shutil.copytree(data, folder / "data", ignore=shutil.ignore_patterns(".*"))
+    newer_module().prepare(folder / "newer")
     if bnb_wheel:
         with zipfile.ZipFile(bnb_wheel) as wheel:
             keep = [n for n in wheel.namelist() if "/libbitsandbytes_" not in n
@@ -455,6 +479,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prepare", metavar="DIR", help="write the assets a device run can carry into DIR, then exit")
     ap.add_argument("--bnb-wheel", help="with --prepare: a bitsandbytes wheel to unpack, trimmed, into DIR/site")
     ap.add_argument("--data", default=default_data, help=f"classification data (default {default_data})")
+    ap.add_argument("--newer-assets", metavar="DIR", help="newer: what --prepare wrote to DIR/newer (CLIP's BPE file, "
+                                                           "ROUGE's packages zipped) when this machine lacks them")
     ap.add_argument("--json", default=str(HERE / "results" / "gpu_check.json"))
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; sections not started by then are skipped")
