@@ -114,8 +114,9 @@ def model_features(texts: list[str], model, tokenizer, config: KeyFreeConfig = K
             idx = order[start:start + config.batch_size]
             width = max(len(encoded[i]) for i in idx)
             ids = torch.tensor([encoded[i] + [0] * (width - len(encoded[i])) for i in idx], device=device)  # (B, T)
-            mask = (torch.arange(width)[None, :] < torch.tensor([len(encoded[i]) for i in idx])[:, None]).long()
-            logits = model(input_ids=ids, attention_mask=mask.to(device)).logits  # (B, T, V)
+            lengths = torch.tensor([len(encoded[i]) for i in idx], device=device)  # (B,)
+            mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()  # (B, T)
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
             for row, i in enumerate(idx):
                 n = len(encoded[i])
                 stats = position_stats(logits[row, :n - 1].cpu(), ids[row, 1:n].cpu())

@@ -158,7 +158,7 @@ class GreenLists:
         sorts the same way). ``hard``: if none of those is green (and finite), the search goes on
         down the ranking until one is, so a hard step always has a token to sample. A prefix
         shorter than the context leaves the row unmarked: all True (transformers skips it too)."""
-        green = torch.zeros(scores.shape, dtype=torch.bool)
+        green = torch.zeros(scores.shape, dtype=torch.bool, device="cpu")
         if input_ids.shape[1] < self.context:
             return ~green
         for row, ids in enumerate(input_ids.tolist()):

@@ -82,7 +82,7 @@ def seed_of(window: tuple[int, ...], scheme: Seeding, key: int) -> int:
     if not scheme.self_salt:
         return (key * int(window[-1])) % (2**64 - 1)
     table = fixed_table(key if scheme.table_seed is None else scheme.table_seed)
-    h = table[torch.tensor(window, dtype=torch.long) % TABLE_SIZE] + 1  # (len(window),)
+    h = table[torch.tensor(window, dtype=torch.long, device="cpu") % TABLE_SIZE] + 1  # (len(window),)
     return (key * h * h[-1]).min().item() % (2**64 - 1)  # int64 products wrap, as in the originals
 
 
@@ -132,7 +132,7 @@ def checked_green_ids(function, spec: str, previous: int, vocab_size: int) -> to
         result = function(previous, vocab_size)
         if not isinstance(result, torch.Tensor):  # an array whole: a list of numpy ints converts one by one
             result = np.asarray(result if hasattr(result, "__array__") else list(result))
-        ids = torch.as_tensor(result)
+        ids = torch.as_tensor(result, device="cpu")  # the lists live on the CPU, whatever the default device
     except Exception as exc:
         raise LmlabError(f"{where} failed: {type(exc).__name__}: {exc}") from exc
     if ids.numel() == 0:
