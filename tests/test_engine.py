@@ -60,6 +60,20 @@ def test_rng_state_round_trip_covers_the_cpu_generator():
     assert torch.equal(a, torch.rand(4))
 
 
+def test_rng_state_round_trip_covers_the_mps_generator(monkeypatch):
+    """On a Mac the MPS generator (dropout masks drawn there) is saved and restored too; the MPS
+    calls are stood in for here, where there is no MPS."""
+    held = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: held["state"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda s: held.update(state=s))
+    state = devices.rng_state()
+    assert torch.equal(state["mps"], torch.tensor([1, 2, 3], dtype=torch.uint8))
+    held["state"] = torch.tensor([9], dtype=torch.uint8)  # drawing moves the generator on
+    devices.set_rng_state(state)
+    assert torch.equal(held["state"], torch.tensor([1, 2, 3], dtype=torch.uint8))
+
+
 # --- the command line ------------------------------------------------------------------------------
 
 

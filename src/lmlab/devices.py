@@ -114,10 +114,12 @@ def release_memory() -> None:
 
 
 def rng_state() -> dict:
-    """The CPU generator and, where present, every CUDA device's (for resume)."""
+    """The CPU generator and, where present, every CUDA device's and the MPS one (for resume)."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -134,6 +136,8 @@ def set_rng_state(state) -> None:
                  f"{torch.cuda.device_count()} devices; dropout draws will differ from an uninterrupted run")
         else:
             torch.cuda.set_rng_state_all(cuda)
+    if state.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
 
 
 def quantization_config(bits: int | None, device: torch.device, compute_dtype: torch.dtype):
