@@ -60,6 +60,24 @@ def test_rng_state_round_trip_covers_the_cpu_generator():
     assert torch.equal(a, torch.rand(4))
 
 
+@pytest.mark.parametrize("kind, stage, expected", [
+    ("FSDP", None, True), ("DEEPSPEED", 3, True), ("DEEPSPEED", 2, False), ("DEEPSPEED", 1, False),
+    ("MULTI_GPU", None, False), ("MULTI_CPU", None, False), ("NO", None, False),
+])
+def test_only_fsdp_and_zero3_shard_the_forward(kind, stage, expected):
+    """Validation goes through the wrapper on every process (whole set each) only where the
+    parameters are sharded between forwards; ZeRO-1/2 split it across processes as DDP does."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from lmlab import checkpoint
+
+    accelerator = SimpleNamespace(distributed_type=DistributedType[kind],
+                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+    assert checkpoint.sharded_forward(accelerator) is expected
+
+
 def test_rng_state_round_trip_covers_the_mps_generator(monkeypatch):
     """On a Mac the MPS generator (dropout masks drawn there) is saved and restored too; the MPS
     calls are stood in for here, where there is no MPS."""
@@ -295,8 +313,9 @@ from lmlab import checkpoint, engine
 from lmlab.cli import main
 
 stop_at, sharded, argv = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3:]
-if sharded:  # exercise the per-process optimizer files that FSDP / ZeRO runs write (DDP underneath)
-    checkpoint.sharded = lambda accelerator: True
+if sharded:  # exercise the per-process optimizer files and the whole-set validation through the
+    checkpoint.sharded = lambda accelerator: True  # wrapper that FSDP / ZeRO-3 runs do (DDP underneath)
+    checkpoint.sharded_forward = lambda accelerator: True
 
 
 class Stop:

@@ -212,6 +212,22 @@ class PackedLinear(nn.Linear):
         return F.linear(x, self.weight.reshape(self.out_features, self.in_features).float() * self.scale)
 
 
+def test_eval_does_not_merge_into_a_sharded_base_weight():
+    """Under ZeRO-3 a partitioned weight is an empty placeholder between forwards (under FSDP a
+    shard): validation's eval() must not merge into it (it failed: size 0 against 16) and train()
+    finds it as it was; once the weight is whole again, eval() merges as before."""
+    layer = lora.LoraLayer(nn.Linear(16, 8), r=4, alpha=8.0, dropout=0.0)
+    whole = layer.base_layer.weight.data.clone()
+    layer.base_layer.weight.data = torch.empty(0)
+    layer.eval()
+    assert not layer.merged and layer.base_layer.weight.shape == (0,)
+    layer.train()
+    assert layer.base_layer.weight.shape == (0,)
+    layer.base_layer.weight.data = whole.clone()
+    layer.eval()
+    assert layer.merged
+
+
 def test_lora_on_a_quantised_base_layer():
     """QLoRA: LoRA's shapes come from in/out_features (not the packed weight), its weights are fp32,
     the base is never merged into (eval() leaves it untouched) and merge_and_unload refuses."""

@@ -14,9 +14,10 @@ import pytest
 import torch
 from test_devices import DeviceRecorder
 
-from lmlab import seq2seq
+from lmlab import engine, seq2seq
 from lmlab.cli import main
 from lmlab.data import Encoded
+from lmlab.errors import LmlabError
 from lmlab.io import load_tensors
 from lmlab.sft import SftData, summarization_items
 
@@ -245,6 +246,62 @@ def test_what_an_encoder_decoder_is_not_run_for_is_one_line(t5_dir, pairs, tmp_p
                  *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and not out.exists()
+
+
+# --- fp16: T5's activations overflow it ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type, dtype, requested, expected", [
+    ("t5", torch.float16, "auto", torch.float32),  # auto on a GPU without bf16: fp32, with a warning
+    ("mt5", torch.float16, "auto", torch.float32),
+    ("t5", torch.float16, "fp16", "overflow in fp16"),  # asked for: one line
+    ("t5", torch.bfloat16, "auto", torch.bfloat16),  # bf16 has fp32's range
+    ("bart", torch.float16, "fp16", torch.float16),
+    ("llama", torch.float16, "auto", torch.float16),
+])
+def test_fp16_is_not_used_for_models_that_overflow_it(model_type, dtype, requested, expected, capsys):
+    from types import SimpleNamespace
+
+    from lmlab.devices import model_dtype
+
+    config = SimpleNamespace(model_type=model_type)
+    if isinstance(expected, str):
+        with pytest.raises(LmlabError, match=expected):
+            model_dtype(dtype, config, requested)
+        return
+    assert model_dtype(dtype, config, requested) == expected
+    warned = capsys.readouterr().err
+    assert ("running in fp32" in warned) == (expected != dtype)
+
+
+def test_t5_where_auto_picks_fp16_trains_and_evaluates_in_fp32(t5_dir, pairs, tmp_path, monkeypatch, capsys):
+    """A GPU without native bf16 (a T4, a V100) makes ``--dtype auto`` fp16, stood in for here:
+    finetune (its loader and the engine's autocast) and evaluate run T5 in fp32 instead, each saying
+    so once; ``--dtype fp16`` given is one line before any weights load."""
+    from lmlab import devices
+
+    real = devices.select_dtype
+    monkeypatch.setattr(devices, "select_dtype",
+                        lambda name, device, **k: torch.float16 if name == "auto" else real(name, device, **k))
+    seen = []
+    real_accelerator = engine._accelerator
+    monkeypatch.setattr(engine, "_accelerator", lambda cfg, device, dtype, out: (seen.append(dtype),
+                                                                                 real_accelerator(cfg, device,
+                                                                                                  dtype, out))[1])
+    run = tmp_path / "run"
+    assert finetune(t5_dir, pairs, run, "--max-iters", "1", "--eval-interval", "1", "--device", "cpu") == 0
+    assert seen == [torch.float32]
+    err = capsys.readouterr().err
+    assert err.count("t5 overflows in fp16 and this GPU has no native bf16: running in fp32") == 1, err
+    assert main(["evaluate", str(run), "--split", "validation", "--limit", "1", "--max-new-tokens", "2",
+                 "--device", "cpu", "--json", "--no-progress"]) == 0
+    assert capsys.readouterr().err.count("running in fp32") == 1
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("summarize: a b c\n")
+    assert main(["generate", "--model", t5_dir, "--prompts", str(prompts), "--dtype", "fp16",
+                 "--device", "cpu", "--max-new-tokens", "2", "--output", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lmlab: error: t5 models overflow in fp16"), err
 
 
 # --- classification: the label word as the decoder's target --------------------------------------

@@ -68,6 +68,18 @@ def sharded(accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
+def sharded_forward(accelerator) -> bool:
+    """Whether the parameters themselves are split across processes between forwards (FSDP, ZeRO-3),
+    so that every forward must go through the wrapper on every process alike; ZeRO-1/2 split only
+    the optimizer state and gradients."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 3) == 3
+
+
 def save_last(out: Path, accelerator, wrapped, method_config, optimizer, state: dict) -> None:
     """``last/``: the method's files, the trainable tensors, the optimizer and random state, the step.
     Sharded optimizers (FSDP, ZeRO) hold a different part on every process: each process stages its

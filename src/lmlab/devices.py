@@ -89,6 +89,25 @@ def select_dtype(name: str, device: torch.device, *, warn_slow: bool = True) -> 
     return dtype
 
 
+FP16_OVERFLOW = ("t5", "mt5", "umt5", "longt5")  # why transformers keeps their feed-forward `wo` in fp32
+
+
+def model_dtype(dtype: torch.dtype, config, requested: str = "fp16", *, quiet: bool = False) -> torch.dtype:
+    """``dtype``, unless it is fp16 and the model's activations overflow fp16 (T5's feed-forward
+    passes 65504: NaN losses, no best checkpoint, empty generations). Then fp32 where ``--dtype
+    auto`` picked fp16 (a GPU without native bf16; one warning unless ``quiet``), and one line
+    where fp16 was asked for."""
+    model_type = getattr(config, "model_type", None)
+    if dtype != torch.float16 or model_type not in FP16_OVERFLOW:
+        return dtype
+    if requested == "auto":
+        if not quiet:
+            warn(f"{model_type} overflows in fp16 and this GPU has no native bf16: running in fp32")
+        return torch.float32
+    raise LmlabError(f"{model_type} models overflow in fp16 (activations past 65504 give NaN); use --dtype bf16, "
+                     "or fp32 on a GPU without bf16")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return next(k for k, v in DTYPES.items() if v == dtype)
 

@@ -169,7 +169,8 @@ def fit(model, task: Task, method_config, cfg: TrainConfig, run_info: dict | Non
 
     out = checkpoint.check_out_dir(cfg)
     device = devices.select_device(cfg.device)
-    dtype = devices.select_dtype(cfg.dtype, device, warn_slow=False)
+    dtype = devices.model_dtype(devices.select_dtype(cfg.dtype, device, warn_slow=False), model.config, cfg.dtype,
+                                quiet=True)  # T5 in fp32 where auto picked fp16 (the loader said so)
     accelerator = _accelerator(cfg, device, dtype, out)
     set_seed(cfg.seed)
     set_dropout(model, cfg.dropout)
@@ -272,12 +273,13 @@ def validation_shard(size: int, rank: int, world: int, split: bool) -> list[int]
 
 
 def validate(task: Task, wrapped, accelerator, device: torch.device) -> dict[str, float]:
-    """The task's validation metrics over the whole held-out set. Under DDP each process scores its
-    share with its own copy of the model and the sums are added up across processes; under FSDP /
-    ZeRO-3 the parameters are gathered by the wrapper's forward only, which every process must run
-    alike, so each process scores the whole set."""
-    split = accelerator.num_processes > 1 and not checkpoint.sharded(accelerator)
-    model = accelerator.unwrap_model(wrapped) if not checkpoint.sharded(accelerator) else wrapped
+    """The task's validation metrics over the whole held-out set. Under DDP (and ZeRO-1/2) each
+    process scores its share with its own whole copy of the model and the sums are added up across
+    processes; under FSDP / ZeRO-3 the parameters are gathered by the wrapper's forward only, which
+    every process must run alike, so each process scores the whole set."""
+    sharded = checkpoint.sharded_forward(accelerator)
+    split = accelerator.num_processes > 1 and not sharded
+    model = wrapped if sharded else accelerator.unwrap_model(wrapped)
     indices = validation_shard(task.val_size, accelerator.process_index, accelerator.num_processes, split)
     sums = task.evaluate(model, device, indices)
     totals = torch.stack([torch.stack([torch.as_tensor(s, dtype=torch.float32, device=device).reshape(()),

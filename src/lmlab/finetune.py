@@ -215,13 +215,14 @@ def load_for_training(model_name: str, method, cfg, bits: int | None = None):
     import torch
 
     from lmlab import devices, peft
-    from lmlab.models import load_model
 
     device = devices.select_device(cfg.device)
     if cfg.dtype == "fp16" and device.type == "cpu":
         raise LmlabError("--dtype fp16 trains on a GPU only (torch has no fp16 autocast on the CPU); use fp32 "
                          "or bf16 there")
-    dtype = devices.select_dtype(cfg.dtype, device)
+    from lmlab.models import load_model, model_config
+
+    dtype = devices.model_dtype(devices.select_dtype(cfg.dtype, device), model_config(model_name), cfg.dtype)
     method_name = peft.method_name(method)
     if bits is not None and method_name != "lora":
         raise LmlabError(f"--load-in-{bits}bit trains LoRA on a quantised frozen base (QLoRA); "

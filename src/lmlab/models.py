@@ -286,7 +286,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device="cpu", dtype=None, b
         AutoTokenizer,
     )
 
-    from lmlab.devices import quantization_config
+    from lmlab.devices import model_dtype, quantization_config
     from lmlab.progress import transformers_bars_off
 
     device = torch.device(device)
@@ -296,10 +296,13 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device="cpu", dtype=None, b
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model_dtype(dtype, config)  # fp16 asked for a model that overflows it: one line
         auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
         with transformers_bars_off():  # a local load takes under a second
             model = auto.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+    except LmlabError:
+        raise
     except (pickle.UnpicklingError, SafetensorError) as exc:  # .bin weights: torch.load(weights_only=True)
         why = ("holds pickled Python objects besides tensors, which lmlab does not load (save the model as "
                "safetensors)" if isinstance(exc, pickle.UnpicklingError) else "is not a valid safetensors file")

@@ -220,7 +220,7 @@ def hotflip(encoder: TextEncoder, sets, tokens: tuple[str, ...], target: torch.T
             (grad,) = torch.autograd.grad(vector @ target, embeds)  # fp32 cosine, as encode's
         grad = grad[0, slot + 1]  # + 1: [CLS]
     # (e_c - e_hole) . grad, less a constant
-    gains = table[candidate_ids.to(table.device)].detach() @ grad.to(table.dtype)
+    gains = table[candidate_ids.to(table.device)].detach().float() @ grad.float()  # fp32: bf16 gains tie
     return [names[i] for i in torch.topk(gains, min(k, len(names))).indices.tolist()]
 
 

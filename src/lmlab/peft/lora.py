@@ -155,8 +155,11 @@ class LoraLayer(nn.Module):
 
     def merge(self) -> None:
         """W <- ``merged_weight()``; W0 is kept (not recomputed by subtraction) so unmerge is exact.
-        A quantised W0 is never merged: its forward adds the LoRA branch instead."""
-        if self.merged or self.quantized:
+        A quantised W0 is never merged, nor one that FSDP / ZeRO-3 holds sharded outside the forward
+        (a DTensor, or an empty placeholder): their forward adds the LoRA branch instead."""
+        w = self.base_layer.weight
+        if (self.merged or self.quantized or type(w).__name__ == "DTensor"
+                or w.numel() != self.lora_A.in_features * self.lora_B.out_features):
             return
         with torch.no_grad():
             merged = self.merged_weight()
