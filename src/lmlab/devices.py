@@ -92,20 +92,17 @@ def select_dtype(name: str, device: torch.device, *, warn_slow: bool = True) -> 
 FP16_OVERFLOW = ("t5", "mt5", "umt5", "longt5")  # why transformers keeps their feed-forward `wo` in fp32
 
 
-def model_dtype(dtype: torch.dtype, config, requested: str = "fp16", *, quiet: bool = False) -> torch.dtype:
+def model_dtype(dtype: torch.dtype, config, *, quiet: bool = False) -> torch.dtype:
     """``dtype``, unless it is fp16 and the model's activations overflow fp16 (T5's feed-forward
-    passes 65504: NaN losses, no best checkpoint, empty generations). Then fp32 where ``--dtype
-    auto`` picked fp16 (a GPU without native bf16; one warning unless ``quiet``), and one line
-    where fp16 was asked for."""
+    passes 65504: NaN losses, no best checkpoint, empty generations): then fp32, said once in a
+    warning unless ``quiet`` (a second look at the same model)."""
     model_type = getattr(config, "model_type", None)
     if dtype != torch.float16 or model_type not in FP16_OVERFLOW:
         return dtype
-    if requested == "auto":
-        if not quiet:
-            warn(f"{model_type} overflows in fp16 and this GPU has no native bf16: running in fp32")
-        return torch.float32
-    raise LmlabError(f"{model_type} models overflow in fp16 (activations past 65504 give NaN); use --dtype bf16, "
-                     "or fp32 on a GPU without bf16")
+    if not quiet:
+        warn(f"{model_type} models overflow in fp16 (NaN losses): running in fp32; on a GPU with bf16, "
+             "--dtype bf16 is faster")
+    return torch.float32
 
 
 def dtype_name(dtype: torch.dtype) -> str:

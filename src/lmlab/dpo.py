@@ -167,13 +167,6 @@ def pair_metric_sums(model, pairs: list[Pair], ref: tuple[torch.Tensor, torch.Te
     return {name: (sums[i], len(pairs)) for i, name in enumerate(METRICS)}
 
 
-def evaluate_pairs(model, pairs: list[Pair], ref: tuple[torch.Tensor, torch.Tensor], pad_id: int, beta: float,
-                   batch_size: int, device=None) -> dict[str, float]:
-    """Mean DPO loss, rewards, margin and preference accuracy over ``pairs``."""
-    sums = pair_metric_sums(model, pairs, ref, pad_id, beta, batch_size, device)
-    return {name: float(total) / max(n, 1) for name, (total, n) in sums.items()}
-
-
 class DpoTask:
     """The engine's task for DPO: batches of pairs (chosen and rejected in one forward pass, with
     their cached reference log-probabilities), the DPO loss, and the held-out pairs' loss, rewards,

@@ -15,7 +15,6 @@ full state of the trainable parameters and only the main process writes.
 from __future__ import annotations
 
 import json
-import math
 import signal
 import threading
 import time
@@ -31,6 +30,7 @@ from lmlab.checkpoint import check_out_dir  # noqa: F401  (re-exported)
 from lmlab.data import length_grouped_batches
 from lmlab.errors import Interrupted, LmlabError
 from lmlab.io import json_safe, write_json, write_text
+from lmlab.schedule import lengthened, lr_at, scheduled_lr  # noqa: F401  (re-exported)
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -112,38 +112,6 @@ class TrainResult:
     out_dir: str
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warmup to ``peak``, then cosine decay to 10 % of it at ``total``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def scheduled_lr(step: int, segments: list[dict], warmup: float, peak: float) -> float:
-    """The learning rate of ``step`` under a schedule that a resumed run may have lengthened.
-
-    The first segment is ``lr_at`` over the run's first total. When ``--resume`` grows the total at
-    step s, a segment {"from": s, "total": T, "lr": the rate s would have had} continues from that
-    rate down to the same floor (10 % of peak) at T on a cosine, so no rate already applied is
-    redrawn and the next one does not jump."""
-    segment = next(seg for seg in reversed(segments) if seg["from"] <= step)
-    if segment["from"] == 0:
-        return lr_at(step, segment["total"], int(warmup * segment["total"]), peak)
-    floor, start = 0.1 * peak, segment["from"]
-    progress = min(1.0, (step - start) / max(1, segment["total"] - start))
-    return floor + (segment["lr"] - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def lengthened(segments: list[dict], step: int, total: int, warmup: float, peak: float) -> list[dict]:
-    """``segments`` for a run resumed at ``step`` with ``total`` steps (unchanged if the total is)."""
-    if total == segments[-1]["total"]:
-        return segments
-    if total < step:
-        raise LmlabError(f"--resume: the run has done {step} steps; --max-iters / --epochs ask for {total} in all")
-    return [*segments, {"from": step, "total": total, "lr": scheduled_lr(step, segments, warmup, peak)}]
-
-
 class BatchSchedule:
     """Which examples form the ``index``-th micro-batch of each process. The order depends only on
     (seed, epoch), so a resumed run sees exactly the batches it would have seen."""
@@ -169,8 +137,8 @@ def fit(model, task: Task, method_config, cfg: TrainConfig, run_info: dict | Non
 
     out = checkpoint.check_out_dir(cfg)
     device = devices.select_device(cfg.device)
-    dtype = devices.model_dtype(devices.select_dtype(cfg.dtype, device, warn_slow=False), model.config, cfg.dtype,
-                                quiet=True)  # T5 in fp32 where auto picked fp16 (the loader said so)
+    dtype = devices.model_dtype(devices.select_dtype(cfg.dtype, device, warn_slow=False),
+                                getattr(model, "config", None), quiet=True)  # T5: fp32 (the loader said so)
     accelerator = _accelerator(cfg, device, dtype, out)
     set_seed(cfg.seed)
     set_dropout(model, cfg.dropout)

@@ -222,7 +222,9 @@ def load_for_training(model_name: str, method, cfg, bits: int | None = None):
                          "or bf16 there")
     from lmlab.models import load_model, model_config
 
-    dtype = devices.model_dtype(devices.select_dtype(cfg.dtype, device), model_config(model_name), cfg.dtype)
+    dtype = devices.select_dtype(cfg.dtype, device)
+    if dtype == torch.float16:  # the compute dtype: full fine-tuning stores fp32 but autocasts to it
+        dtype = devices.model_dtype(dtype, model_config(model_name))
     method_name = peft.method_name(method)
     if bits is not None and method_name != "lora":
         raise LmlabError(f"--load-in-{bits}bit trains LoRA on a quantised frozen base (QLoRA); "

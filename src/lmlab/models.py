@@ -296,7 +296,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, device="cpu", dtype=None, b
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model_dtype(dtype, config)  # fp16 asked for a model that overflows it: one line
+        dtype = model_dtype(dtype, config)  # fp32 for a model that overflows fp16
         auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         extra = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
         with transformers_bars_off():  # a local load takes under a second

@@ -14,7 +14,6 @@ decoder's log-probabilities of each label's tokens.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 

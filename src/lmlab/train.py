@@ -144,7 +144,7 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, *, device="
     adapter folder, or a hub id of one. The base model comes from the run's ``run.json`` (else the
     adapter's ``base_model_name_or_path``) unless ``model_name`` is given; the method is recognised
     from the checkpoint's files."""
-    from lmlab.devices import is_quantized
+    from lmlab.devices import is_quantized, model_dtype
     from lmlab.hub import download_adapter, looks_like_hub_id
     from lmlab.io import read_json
     from lmlab.models import load_model
@@ -165,6 +165,7 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, *, device="
     if name is None:
         raise LmlabError(f"{found} has no run.json beside it; pass --model to name its base model")
     model, tokenizer = load_model(name, device=device, dtype=dtype, bits=bits)
+    dtype = model_dtype(dtype, model.config, quiet=True) if dtype is not None else None  # T5: not fp16
     peft.load(model, found)
     if not is_quantized(model):
         model.to(device=device, dtype=dtype or torch.float32)  # the method's own weights too

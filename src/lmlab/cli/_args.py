@@ -183,23 +183,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def load_model_or_run(args: argparse.Namespace, device, dtype, run: str | None = None):
     """(model, tokenizer, run_info) of ``--run`` (or ``run``) on ``--model``, else of the base model."""
-    from pathlib import Path
-
-    import torch
-
-    from lmlab import devices
-    from lmlab.evaluate import run_record
-    from lmlab.models import load_model, model_config
-
     run = run if run is not None else getattr(args, "run", None)
-    record = run_record(run) if run and Path(run).exists() else {}
-    if dtype == torch.float16 and getattr(args, "dtype", None) == "auto":  # T5 on a GPU without bf16: fp32
-        dtype = devices.model_dtype(dtype, model_config(args.model or record.get("model") or DEFAULT_MODEL), "auto")
     if run:
+        from lmlab.evaluate import run_record
         from lmlab.train import load_checkpoint
 
-        # a QLoRA run: its 4/8-bit base
-        return load_checkpoint(run, args.model, device=device, dtype=dtype, bits=record.get("bits"))
+        from pathlib import Path
+
+        bits = run_record(run).get("bits") if Path(run).exists() else None  # a QLoRA run: its 4/8-bit base
+        return load_checkpoint(run, args.model, device=device, dtype=dtype, bits=bits)
+    from lmlab.models import load_model
+
     model, tokenizer = load_model(args.model or DEFAULT_MODEL, device=device, dtype=dtype)
     return model, tokenizer, {}
 
