@@ -213,9 +213,9 @@ class PackedLinear(nn.Linear):
 
 
 def test_eval_does_not_merge_into_a_sharded_base_weight():
-    """Under ZeRO-3 a partitioned weight is an empty placeholder between forwards (under FSDP a
-    shard): validation's eval() must not merge into it (it failed: size 0 against 16) and train()
-    finds it as it was; once the weight is whole again, eval() merges as before."""
+    """Under ZeRO-3 a partitioned weight is an empty placeholder between forwards, under FSDP1 a
+    full-shape view of freed storage: validation's eval() must not merge into either (it failed:
+    size 0 against 16) and train() finds it as it was; a whole weight is merged as before."""
     layer = lora.LoraLayer(nn.Linear(16, 8), r=4, alpha=8.0, dropout=0.0)
     whole = layer.base_layer.weight.data.clone()
     layer.base_layer.weight.data = torch.empty(0)
@@ -223,6 +223,12 @@ def test_eval_does_not_merge_into_a_sharded_base_weight():
     assert not layer.merged and layer.base_layer.weight.shape == (0,)
     layer.train()
     assert layer.base_layer.weight.shape == (0,)
+    freed = whole.clone()  # FSDP1 keeps the full shape and frees the storage between forwards
+    freed.untyped_storage().resize_(0)
+    layer.base_layer.weight.data = freed
+    layer.eval()
+    assert not layer.merged
+    layer.train()
     layer.base_layer.weight.data = whole.clone()
     layer.eval()
     assert layer.merged

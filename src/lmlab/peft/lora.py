@@ -154,12 +154,12 @@ class LoraLayer(nn.Module):
         return self._out_in(dora.merged_weight(self._out_in(w0), self._out_in(delta), magnitude))
 
     def merge(self) -> None:
-        """W <- ``merged_weight()``; W0 is kept (not recomputed by subtraction) so unmerge is exact.
-        A quantised W0 is never merged, nor one that FSDP / ZeRO-3 holds sharded outside the forward
-        (a DTensor, or an empty placeholder): their forward adds the LoRA branch instead."""
+        """W <- ``merged_weight()``, W0 kept so that unmerge is exact. Never into a quantised W0, nor
+        one FSDP / ZeRO-3 holds sharded or freed outside the forward: their forward adds the branch."""
         w = self.base_layer.weight
-        if (self.merged or self.quantized or type(w).__name__ == "DTensor"
-                or w.numel() != self.lora_A.in_features * self.lora_B.out_features):
+        if (self.merged or self.quantized or type(w).__name__ == "DTensor"  # FSDP2; ZeRO-3, FSDP1:
+                or w.numel() != self.lora_A.in_features * self.lora_B.out_features  # an empty placeholder
+                or w.untyped_storage().nbytes() < w.numel() * w.element_size()):  # or freed storage
             return
         with torch.no_grad():
             merged = self.merged_weight()
