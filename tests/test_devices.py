@@ -63,6 +63,21 @@ def _tensors(obj, depth=0):
             yield from _tensors([getattr(layer, "keys", None), getattr(layer, "values", None)], depth + 1)
 
 
+def record_on_meta(monkeypatch, owner, name: str, recorders: list) -> list:
+    """Replace ``owner.name`` (a function taking the model first: ``fit``, ``reference_logps``) by one
+    that hooks a ``DeviceRecorder`` on the model and runs with torch's default device ``meta``; the
+    model is loaded by then (``from_pretrained`` refuses a meta default). Returns ``recorders``."""
+    real = getattr(owner, name)
+
+    def recording(model, *args, **kwargs):
+        recorders.append(DeviceRecorder(model))
+        with torch.device("meta"):
+            return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return recorders
+
+
 ITEMS = [Encoded([5, 6, 7, 8], [9], 0), Encoded([5, 6], [10, 11], 1), Encoded([5, 6, 7], [12], 0)]
 
 
@@ -145,20 +160,12 @@ def test_the_sentinel_catches_a_tensor_made_without_a_device(stray_tensors_land_
 @pytest.mark.parametrize("method", ["lora", "prefix"])
 def test_finetune_and_evaluate_make_nothing_off_the_models_device(method, tiny_model_dir, toy_dataset, tmp_path,
                                                                  monkeypatch):
-    from lmlab import engine, finetune, train
+    from lmlab import finetune, train
     from lmlab.data import TaskFormat, load_splits
     from lmlab.evaluate import evaluate_generation, evaluate_scoring
     from lmlab.finetune import FinetuneConfig
 
-    recorders = []
-    real_fit = engine.fit
-
-    def recording_fit(model, *a, **k):  # the model is loaded by then (from_pretrained refuses a meta default)
-        recorders.append(DeviceRecorder(model))
-        with torch.device("meta"):
-            return real_fit(model, *a, **k)
-
-    monkeypatch.setattr(train, "fit", recording_fit)
+    recorders = record_on_meta(monkeypatch, train, "fit", [])  # train imported engine.fit by name
     config = FinetuneConfig(model=tiny_model_dir, dataset=toy_dataset, out_dir=str(tmp_path / "run"), method=method, rank=4,
                             alpha=8.0, max_iters=2, eval_interval=1, batch_size=4, no_progress=True, json=True,
                             device="cpu")
@@ -204,23 +211,8 @@ def test_dpo_makes_nothing_off_the_models_device(tiny_model_dir, tmp_path, monke
     from lmlab import dpo, engine
     from lmlab.cli import main
 
-    recorders = []
-    real_fit = engine.fit  # dpo.train_dpo looks it up when it runs
-    real_reference = dpo.reference_logps
-
-    def recording_reference(model, *a, **k):  # the reference pass, before training
-        recorders.append(DeviceRecorder(model))
-        with torch.device("meta"):
-            return real_reference(model, *a, **k)
-
-    monkeypatch.setattr(dpo, "reference_logps", recording_reference)
-
-    def recording_fit(model, *a, **k):
-        recorders.append(DeviceRecorder(model))
-        with torch.device("meta"):
-            return real_fit(model, *a, **k)
-
-    monkeypatch.setattr(engine, "fit", recording_fit)
+    recorders = record_on_meta(monkeypatch, dpo, "reference_logps", [])  # the reference pass, before training
+    record_on_meta(monkeypatch, engine, "fit", recorders)  # dpo.train_dpo looks it up when it runs
     rows = [{"prompt": f"Review: film {i}.\nSentiment:", "chosen": " positive", "rejected": " negative"}
             for i in range(12)]
     data = tmp_path / "pairs.jsonl"

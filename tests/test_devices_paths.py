@@ -21,7 +21,8 @@ from contextlib import ExitStack, contextmanager
 
 import pytest
 import torch
-from test_devices import DeviceRecorder
+from test_devices import DeviceRecorder, record_on_meta
+from test_invert_clip import bpe_clip  # noqa: F401  (a fixture)
 
 from lmlab.cli import main
 
@@ -128,21 +129,10 @@ def test_watermark_generate_samples_on_the_models_device(schemes, extra, tiny_mo
 # --- CLIP text towers and the inversion search on them ---------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    """A tiny random CLIP text tower (Hugging Face folder) with a tiny BPE tokenizer in CLIP's conventions."""
-    from test_invert_clip import tiny_bpe_tokenizer, tiny_tower
-
-    path = tmp_path_factory.mktemp("clip")
-    tokenizer = tiny_bpe_tokenizer()
-    tiny_tower(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def test_clip_encoding_and_inversion_stay_on_the_towers_device(clip_dir, tmp_path, monkeypatch):
+def test_clip_encoding_and_inversion_stay_on_the_towers_device(request, tmp_path, monkeypatch):
     """``embed`` / ``invert --encoder clip:``: encoding batches, HotFlip's gradient through the
     tower (``clip_slot_gradient``), the beam search, and a second search from the cached vocabulary."""
+    clip_dir = request.getfixturevalue("bpe_clip")  # test_invert_clip's tiny tower and BPE tokenizer
     from lmlab.invert import InvertConfig, invert, load_encoder
 
     monkeypatch.setenv("LMLAB_CACHE", str(tmp_path / "cache"))
@@ -232,17 +222,9 @@ def test_chat_generation_and_evaluation_stay_on_the_models_device(run, tiny_mode
 def test_chat_finetuning_stays_on_the_models_device(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """``finetune --task chat``: batches with loss masks (only assistant tokens count), training
     and validation."""
-    from lmlab import engine, train
+    from lmlab import train
 
-    recorders = []
-    real_fit = engine.fit
-
-    def recording_fit(model, *a, **k):  # the model is loaded by then (from_pretrained refuses a meta default)
-        recorders.append(DeviceRecorder(model))
-        with torch.device("meta"):
-            return real_fit(model, *a, **k)
-
-    monkeypatch.setattr(train, "fit", recording_fit)
+    recorders = record_on_meta(monkeypatch, train, "fit", [])
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in CHATS))
     code = main(["finetune", "--task", "chat", "--model", tiny_model_dir, "--dataset", str(data), "--rank", "4",

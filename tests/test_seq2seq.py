@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from test_devices import DeviceRecorder
+from test_devices import DeviceRecorder, record_on_meta
 
 from lmlab import engine, seq2seq
 from lmlab.cli import main
@@ -374,21 +374,13 @@ def test_finetune_and_generation_make_nothing_off_the_models_device(t5_dir, pair
     """The model on the CPU, torch's default device ``meta``: a tensor made without the model's
     device lands on meta and shows up (training, validation, generating summaries, classifying by
     generation and by label scores)."""
-    from lmlab import engine, finetune, train
+    from lmlab import finetune, train
     from lmlab.data import Example, TaskFormat
     from lmlab.evaluate import evaluate_generation, evaluate_scoring
     from lmlab.finetune import FinetuneConfig
     from lmlab.rouge import generate_summaries
 
-    recorders = []
-    real_fit = engine.fit
-
-    def recording_fit(model, *a, **k):
-        recorders.append(DeviceRecorder(model))
-        with torch.device("meta"):
-            return real_fit(model, *a, **k)
-
-    monkeypatch.setattr(train, "fit", recording_fit)
+    recorders = record_on_meta(monkeypatch, train, "fit", [])
     finetune.run(FinetuneConfig(model=t5_dir, task="summarization", dataset=str(pairs), template=TEMPLATE,
                                 target="q,v", rank=4, alpha=8.0, max_iters=2, eval_interval=1, batch_size=4,
                                 out_dir=str(tmp_path / "run"), no_progress=True, json=True, device="cpu"))
