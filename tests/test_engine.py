@@ -420,6 +420,75 @@ def test_two_processes_split_the_validation_set_and_add_up_its_metrics(trainer, 
         assert logged[f"val_{name}"] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
+FSDP2_DRIVER = """
+import json, sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from lmlab import peft
+from lmlab.data import Encoded
+from lmlab.io import save_tensors
+from lmlab.models import build_model, preset_config
+from lmlab.train import LabelTask
+
+dist.init_process_group("gloo")
+rank, out = dist.get_rank(), sys.argv[1]
+torch.manual_seed(0)
+model = build_model(preset_config("tiny-llama"))
+config = peft.make_config("lora", r=4, alpha=8.0)
+peft.apply(model, config)
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.normal_(std=0.1)  # an adapter that changes the output
+items = [Encoded(list(range(5 + i, 12 + 2 * i)), [20 + i], 0) for i in range(6)]
+task = LabelTask(items, items, pad_id=0, eval_batch_size=4)
+cpu, every = torch.device("cpu"), list(range(len(items)))
+total, count = task.evaluate(model, cpu, every)["loss"]
+alone = float(total / count)
+trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+mesh = init_device_mesh("cpu", (2,))
+for layer in model.model.layers:
+    fully_shard(layer, mesh=mesh)
+fully_shard(model, mesh=mesh)
+total, count = task.evaluate(model, cpu, every)["loss"]  # eval() on DTensor weights
+full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if rank == 0:
+    save_tensors(out + "/trainable.safetensors", trainable)
+    peft.save(model, config, out + "/adapter", state_dict=full)
+    json.dump({"alone": alone, "sharded": float(total / count),
+               "type": type(model.model.layers[0].self_attn.q_proj.base_layer.weight).__name__},
+              open(out + "/result.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_lora_under_torch_fsdp2_on_two_cpu_processes(tmp_path):
+    """FSDP2 (``fully_shard``) runs on the CPU with gloo, though accelerate's FSDP does not: a LoRA
+    model sharded over 2 processes scores its validation set as the whole model does in one
+    process (LoRA's eval() must not merge into the DTensor shards: it did, and the loss was wrong),
+    and the gathered full state dict saves an adapter equal to the trained weights."""
+    from lmlab.io import load_tensors
+    from lmlab.models import build_model, preset_config
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(FSDP2_DRIVER)
+    done = two_processes(str(driver), str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["type"] == "DTensor"
+    assert result["sharded"] == pytest.approx(result["alone"], rel=1e-5)
+    model = build_model(preset_config("tiny-llama"))
+    peft.load(model, tmp_path / "adapter")
+    saved = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    trained = load_tensors(tmp_path / "trainable.safetensors")
+    assert saved.keys() == trained.keys() and all(torch.equal(saved[n], trained[n]) for n in saved)
+
+
 def test_dpo_reports_to_tensorboard(tiny_model_dir, tmp_path):
     """DPO logs through accelerate's trackers as fine-tuning does (it had none before the engine);
     tensorboard comes with the test extras."""
