@@ -30,6 +30,7 @@ from lmlab.errors import LmlabError
 from lmlab.io import load_tensors, read_json, save_tensors, write_json
 from lmlab.models import model_spec
 from lmlab.peft import dora
+from lmlab.peft.dropout import SparseDropout
 from lmlab.peft._modules import ModuleCopy, find_modules, freeze, name_matches
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -108,7 +109,7 @@ class LoraLayer(nn.Module):
         self.lora_B = nn.Linear(r, d_out, bias=False, device=w.device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = SparseDropout(dropout) if dropout > 0 else nn.Identity()
         # rsLoRA (Kalajdzievski 2023): alpha / sqrt(r) keeps the update's scale stable as r grows
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -192,7 +193,8 @@ class LoraLayer(nn.Module):
         x = x.to(self.lora_A.weight.dtype)
         if self.lora_magnitude_vector is not None:
             return base + self._dora_update(x, base).to(base.dtype)
-        update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # scaled on the (.., r) side: one small multiply instead of one over the (.., d_out) output
+        update = self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
         return base + update.to(base.dtype)
 
     def _dora_update(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
