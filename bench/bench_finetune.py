@@ -11,7 +11,7 @@ The machine's speed drifts from minute to minute (one run each gave 1.21x, 2.20x
 row), so the two sides take turns for ``--rounds`` rounds (peft, lmlab, peft, lmlab, ...) and the
 median of the rounds' ratios is the figure; every round is kept in the JSON.
 
-    python bench/bench_finetune.py --steps 14 --warmup 2 --rounds 5 --json bench/results/finetune.json
+    python bench/bench_finetune.py --steps 14 --warmup 2 --rounds 9 --json bench/results/finetune.json
 """
 
 from __future__ import annotations
