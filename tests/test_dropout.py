@@ -65,22 +65,62 @@ def test_same_seed_same_mask():
     assert torch.equal(a, sparse_dropout(x, 0.05))
 
 
-@pytest.mark.parametrize("case", ["eval", "p above the sparse range", "not on the CPU"])
+@pytest.mark.parametrize("case", ["p above the sparse range", "in place", "few entries", "empty"])
 def test_sparse_dropout_falls_back_to_torch(case):
-    """Eval mode is the identity; a large p, or a tensor off the CPU, takes F.dropout as is."""
-    torch.manual_seed(0)
+    """A large p, an in-place module or a small input takes F.dropout as is (the same masks)."""
+    p, inplace, shape = {"p above the sparse range": (0.5, False, (64, 64)), "in place": (0.05, True, (64, 64)),
+                         "few entries": (0.05, False, (3, 5)), "empty": (0.05, False, (0, 64))}[case]
+    module, x = SparseDropout(p, inplace=inplace), torch.ones(shape)
+    torch.manual_seed(5)
+    expected = F.dropout(x.clone(), p, True, inplace)
+    torch.manual_seed(5)
+    assert torch.equal(module(x.clone()), expected)
+
+
+def test_sparse_dropout_in_eval_and_off_the_cpu():
     x = torch.ones(64, 64)
-    if case == "eval":
-        assert torch.equal(SparseDropout(0.05).eval()(x), x)
-    elif case == "p above the sparse range":
-        module = SparseDropout(0.5)
-        torch.manual_seed(5)
-        expected = F.dropout(x, 0.5, True)
-        torch.manual_seed(5)
-        assert torch.equal(module(x), expected)
-    else:
-        out = SparseDropout(0.05)(x.to("meta"))
-        assert out.device.type == "meta" and out.shape == x.shape
+    assert torch.equal(SparseDropout(0.05).eval()(x), x)
+    out = SparseDropout(0.05)(x.to("meta"))
+    assert out.device.type == "meta" and out.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.021, 0.05, 0.15])
+def test_kept_entries_carry_torch_dropouts_scale_to_the_bit(dtype, p):
+    torch.manual_seed(0)
+    x = torch.ones(8192, dtype=dtype)
+    ours, theirs = sparse_dropout(x, p), F.dropout(x, p, True)
+    assert ours.dtype == dtype
+    assert torch.equal(ours[ours != 0].unique(), theirs[theirs != 0].unique())
+
+
+def test_edge_probabilities():
+    """A p so small that one gap overflows int64 unclamped still works; p outside (0, 1) is refused."""
+    assert dropped_positions(1000, 1e-20).le(1000).all()
+    assert torch.equal(sparse_dropout(torch.ones(5000), 1e-20), torch.ones(5000))
+    assert dropped_positions(0, 0.05).numel() == 0
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="dropout probability"):
+            dropped_positions(10, bad)
+
+
+def test_lora_forward_with_dropout_is_the_formula():
+    """In training, h = W0 x + s B A dropout(x), with the mask the layer's dropout draws."""
+    from lmlab import peft
+    from lmlab.peft.lora import LoraLayer
+
+    model = tiny("tiny-llama")
+    peft.apply(model, peft.make_config("lora", r=4, alpha=8, dropout=0.1))
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    torch.nn.init.normal_(layer.lora_B.weight)
+    layer.train()
+    x = torch.randn(4, 40, layer.lora_A.in_features)
+    torch.manual_seed(7)
+    dropped = layer.lora_dropout(x)
+    assert (dropped == 0).any()
+    torch.manual_seed(7)
+    expected = layer.base_layer(x) + layer.scaling * dropped @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_layers_use_it_and_keep_nn_dropout_behaviour():

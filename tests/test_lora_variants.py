@@ -126,9 +126,11 @@ def test_peft_loads_lmlab_adapter_with_equal_logits_and_gradients(family, ids, t
     assert config["modules_to_save"] == (sorted(lora.module_copies(ours)) or None)
 
 
-def test_dora_with_dropout_matches_peft(family, ids, tmp_path):
+def test_dora_with_dropout_matches_peft(family, ids, tmp_path, monkeypatch):
     """Training-mode dropout: peft recomputes W0 x' on the dropped-out input; the same masks (same
-    seed, same order) must give the same logits and gradients."""
+    seed, same order) must give the same logits and gradients. The same masks need torch's own
+    draws, so lmlab's gap-drawn masks (``peft.dropout``) are switched off here."""
+    monkeypatch.setattr("lmlab.peft.dropout.SPARSE_MAX_P", 0.0)
     kw = options(family, "dora")
     theirs = peft_model(family, kw, dropout=0.3)
     perturb(theirs)
