@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from lmlab.data import Encoded, left_pad_batch
 from lmlab.errors import LmlabError
+from lmlab.models import last_block_on_rows
 
 REF_FILE = "ref_logps.safetensors"
 
@@ -64,8 +65,9 @@ def completion_logps(model, items: list[Encoded], pad_id: int, device=None) -> t
 
     ids, mask, pos, labels = left_pad_batch(items, pad_id, device=device or model_device(model))  # labels (N, k)
     k = labels.shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=k + 1,
-                   use_cache=False).logits[:, :-1].float()  # (N, k, V)
+    with last_block_on_rows(model, k + 1):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=k + 1,
+                       use_cache=False).logits[:, :-1].float()  # (N, k, V)
     logp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0)[..., None])[..., 0]
     return (logp * (labels != -100)).sum(-1)
 
@@ -189,8 +191,9 @@ class DpoTask:
     def loss(self, model, batch):
         (ids, mask, pos, labels), ref_chosen, ref_rejected = batch
         k = labels.shape[1]
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=k + 1,
-                       use_cache=False).logits[:, :-1].float()  # (2N, k, V)
+        with last_block_on_rows(model, k + 1):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=k + 1,
+                           use_cache=False).logits[:, :-1].float()  # (2N, k, V)
         logp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0)[..., None])[..., 0]
         logps = (logp * (labels != -100)).sum(-1)
         n = len(ref_chosen)

@@ -27,6 +27,7 @@ from lmlab.data import (
 from lmlab.devices import model_device
 from lmlab.errors import LmlabError
 from lmlab.kvcache import cache_arg, left_padded_cache, output_cache, prefix_cache, shared_prefix_length
+from lmlab.models import last_block_on_rows
 
 
 @dataclass(frozen=True)
@@ -296,8 +297,9 @@ def _prompt_forward(model, batch: list[Encoded], pad_id: int, shared: int, prefi
     ids, mask, pos, _ = left_pad_batch(batch, pad_id, with_completion=False, device=model_device(model))
     cache = left_padded_cache(prefix, (mask == 0).sum(1).tolist()) if prefix is not None else None
     start = shared if prefix is not None else 0
-    out = model(input_ids=ids[:, start:], attention_mask=mask, position_ids=pos[:, start:], **cache_arg(model, cache),
-                use_cache=True, logits_to_keep=1)
+    with last_block_on_rows(model, 1):
+        out = model(input_ids=ids[:, start:], attention_mask=mask, position_ids=pos[:, start:],
+                    **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
     return out.logits[:, -1], output_cache(out), mask, pos[:, -1] + 1
 
 

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +165,50 @@ def contiguous_head_input(model):
         head.register_forward_pre_hook(_contiguous_first_arg)
         head._lmlab_contiguous_input = True
     return model
+
+
+@contextmanager
+def last_block_on_rows(model, keep: int):
+    """While inside, the last block's attention output projection and MLP read only the last
+    ``keep`` positions and give zeros elsewhere. Both are position-wise, so those positions' outputs
+    are exact; the other positions' final states are wrong but nothing reads them when the caller
+    keeps ``keep`` logits. Off (a no-op) for encoder-decoders, under gradient checkpointing (the
+    recomputation would run without the hooks) and where the modules are not found by name."""
+    import torch.nn.functional as F
+
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP wraps the model
+    try:
+        spec = model_spec(config) if config is not None else None
+    except LmlabError:
+        spec = None
+    found = []
+    if spec is not None and not spec.encoder_decoder:
+        last = f".{spec.layers - 1}."
+        suffixes = (last + spec.attn_out, last + spec.mlp_out.rsplit(".", 1)[0])
+        for name, module in model.named_modules():
+            if getattr(module, "gradient_checkpointing", False) is True:
+                found = []
+                break
+            if name.endswith(suffixes):
+                found.append(module)
+    width, hooks = {}, []
+
+    def cut(module, args, kwargs):
+        if args and args[0].shape[-2] > keep:
+            width[module] = args[0].shape[-2]
+            return (args[0][..., -keep:, :].contiguous(), *args[1:]), kwargs  # Conv1D views it
+
+    def pad(module, args, kwargs, out):
+        return F.pad(out, (0, 0, width.pop(module) - keep, 0)) if module in width else None
+
+    for module in found:
+        hooks += [module.register_forward_pre_hook(cut, with_kwargs=True),
+                  module.register_forward_hook(pad, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def model_config(name_or_path: str, *, trust_remote_code: bool = False):

@@ -1,0 +1,128 @@
+"""``models.last_block_on_rows``: the last block's attention output projection and MLP run on the kept
+positions only, and the losses, gradients and KV caches that read those positions do not change."""
+
+import contextlib
+
+import pytest
+import torch
+from conftest import randomize, tiny
+
+from lmlab import dpo, peft, train
+from lmlab.data import Encoded, left_pad_batch
+from lmlab.kvcache import prefix_cache
+from lmlab.models import last_block_on_rows, model_spec
+
+DECODERS = ["tiny-gpt2", "tiny-llama", "tiny-phi", "tiny-phi3"]
+METHODS = [("lora", {}), ("adapter", {}), ("prefix", {}), ("full", {})]
+ITEMS = [Encoded([5, 6, 7, 8, 9, 10, 11], [12, 13], 0), Encoded([20, 21, 22], [23], 1),
+         Encoded([30, 31, 32, 33, 34], [35, 36], 0)]
+
+
+def untrimmed(model, keep):
+    return contextlib.nullcontext()
+
+
+def last_mlp(model):
+    spec = model_spec(model.config)
+    suffix = f".{spec.layers - 1}.{spec.mlp_out.rsplit('.', 1)[0]}"
+    return next(m for n, m in model.named_modules() if n.endswith(suffix))
+
+
+def rows_seen(model, keep):
+    """How many positions the last MLP reads inside ``last_block_on_rows(model, keep)``."""
+    seen = []
+    ids = torch.arange(3, 12)[None]
+    with last_block_on_rows(model, keep):
+        hook = last_mlp(model).register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[-2]))
+        try:
+            with torch.no_grad():
+                model(input_ids=ids, logits_to_keep=keep)
+        finally:
+            hook.remove()
+    return seen[0]
+
+
+def trained(name, method):
+    model = tiny(name)
+    peft.apply(model, peft.make_config(method))
+    randomize([p for p in model.parameters() if p.requires_grad] if method != "full" else [])
+    return model.train()
+
+
+def loss_and_grads(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same dropout masks (LoRA's) on both sides
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("method,kw", METHODS, ids=[m for m, _ in METHODS])
+def test_label_loss_and_gradients_unchanged(name, method, kw, monkeypatch):
+    model = trained(name, method)
+    batch = left_pad_batch(ITEMS, 0, device="cpu")
+    assert rows_seen(model, batch[3].shape[1] + 1) == batch[3].shape[1] + 1  # it did trim
+    loss, grads = loss_and_grads(model, lambda: train.label_loss(model, *batch)[0])
+    monkeypatch.setattr(train, "last_block_on_rows", untrimmed)
+    ref_loss, ref_grads = loss_and_grads(model, lambda: train.label_loss(model, *batch)[0])
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_dpo_log_probs_unchanged(monkeypatch):
+    model = trained("tiny-llama", "lora").eval()
+    with torch.no_grad():
+        got = dpo.completion_logps(model, ITEMS, 0)
+        monkeypatch.setattr(dpo, "last_block_on_rows", untrimmed)
+        want = dpo.completion_logps(model, ITEMS, 0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_prefix_cache_unchanged(name):
+    import lmlab.kvcache as kvcache
+
+    model = tiny(name).eval()
+    prefix = [3, 4, 5, 6, 7, 8]
+    with torch.no_grad():
+        got = prefix_cache(model, prefix)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kvcache, "last_block_on_rows", untrimmed)
+            want = prefix_cache(model, prefix)
+    for a, b in zip(got.layers, want.layers):
+        torch.testing.assert_close(a.keys, b.keys)
+        torch.testing.assert_close(a.values, b.values)
+
+
+def test_hooks_removed_even_after_an_error():
+    model = tiny("tiny-llama")
+    before = hook_count(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with last_block_on_rows(model, 2):
+            assert hook_count(model) == before + 4  # a pre-hook and a hook on each of two modules
+            raise RuntimeError("boom")
+    assert hook_count(model) == before
+    assert rows_seen(model, 20) == 9  # keep beyond the length: nothing cut
+
+
+def test_off_under_gradient_checkpointing():
+    """The recomputation in backward runs outside the context, so the forward must not differ."""
+    model = trained("tiny-llama", "lora")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert rows_seen(model, 2) == 9
+    batch = left_pad_batch(ITEMS, 0, device="cpu")
+    train.label_loss(model, *batch)[0].backward()  # no recomputation mismatch
+
+
+def hook_count(model):
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def test_encoder_decoder_untouched():
+    model = tiny("tiny-t5")
+    before = hook_count(model)
+    with last_block_on_rows(model, 1):
+        assert hook_count(model) == before
