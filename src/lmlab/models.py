@@ -170,10 +170,12 @@ def contiguous_head_input(model):
 @contextmanager
 def last_block_on_rows(model, keep: int):
     """While inside, the last block's attention output projection and MLP read only the last
-    ``keep`` positions and give zeros elsewhere. Both are position-wise, so those positions' outputs
-    are exact; the other positions' final states are wrong but nothing reads them when the caller
-    keeps ``keep`` logits. Off (a no-op) for encoder-decoders, under gradient checkpointing (the
-    recomputation would run without the hooks) and where the modules are not found by name."""
+    ``keep`` positions and give zeros elsewhere: the label-only LM head (``logits_to_keep``) carried
+    one block down. Both are position-wise, so the kept positions' outputs are exact; the others'
+    final states are wrong, and a forward that keeps ``keep`` logits never reads them. The block's
+    keys and values (its KV cache) come before both and still cover every position. Off (a no-op)
+    for encoder-decoders, under gradient checkpointing (backward's recomputation runs without the
+    hooks) and where the modules are not found by name (FSDP1's renamed wrappers)."""
     import torch.nn.functional as F
 
     config = getattr(getattr(model, "module", model), "config", None)  # DDP wraps the model

@@ -1,7 +1,7 @@
 """Fine-tuning with the loss on label (or completion) tokens: classification and SFT's task for
 the engine (``lmlab.engine``), and loading the checkpoints it writes.
 
-Two things make it fast, and both hold on a GPU as on the CPU:
+Three things make it fast, and all hold on a GPU as on the CPU:
 
 * the loss is on the label tokens only, and with left padding those sit in the last k columns of
   every row, so the LM head runs on k+1 positions instead of all T (``logits_to_keep``; the head
