@@ -126,3 +126,37 @@ def test_encoder_decoder_untouched():
     before = hook_count(model)
     with last_block_on_rows(model, 1):
         assert hook_count(model) == before
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from lmlab.models import embedded_model_dir
+
+    return AutoTokenizer.from_pretrained(embedded_model_dir())
+
+
+@pytest.mark.parametrize("path", ["sample", "evaluate_generation", "label_logprobs"])
+def test_generation_and_scoring_run_the_last_mlp_on_one_position(path, tokenizer):
+    """Every forward of a prompt (and of each new token) needs only its last position: the last MLP
+    reads one row per sequence there (their outputs are held equal to untrimmed runs in
+    test_generate.py and test_evaluate.py)."""
+    from lmlab.data import Example, TaskFormat
+    from lmlab.evaluate import evaluate_generation, label_logprobs
+    from lmlab.generate import SamplingConfig, sample
+
+    model = tiny("tiny-llama").eval()
+    seen = []
+    # registered before the context's hooks: sees the MLP's own output, before it is padded back
+    hook = last_mlp(model).register_forward_hook(lambda m, a, out: seen.append(out.shape[-2]))
+    examples = [Example("a fine film", 1), Example("dull and far too long for what it says", 0)]
+    if path == "sample":
+        sample(model, tokenizer, ["Once upon a time", "The capital of France is"],
+               SamplingConfig(max_new_tokens=3, temperature=0), progress=False)
+    elif path == "evaluate_generation":
+        evaluate_generation(model, tokenizer, TaskFormat(), examples, max_new_tokens=3, progress=False)
+    else:
+        label_logprobs(model, tokenizer, TaskFormat(), examples, progress=False)
+    hook.remove()
+    assert seen and set(seen) == {1}

@@ -213,10 +213,11 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
                                              device=model_device(model))  # (B, T)
             cache = left_padded_cache(prefix, (mask == 0).sum(1).tolist()) if prefix is not None else None
             stop = _stop_when_decided(tokenizer, fmt.label_words, ids.shape[1]) if stop_when_decided else None
-            out = model.generate(input_ids=ids, attention_mask=mask, **cache_arg(model, cache),
-                                 stopping_criteria=stop,
-                                 max_new_tokens=max_new_tokens, **sampling, num_beams=1, pad_token_id=pad,
-                                 eos_token_id=tokenizer.eos_token_id if eos is None else eos)
+            with last_block_on_rows(model, 1):  # each forward (prompt, then one token) needs its last position
+                out = model.generate(input_ids=ids, attention_mask=mask, **cache_arg(model, cache),
+                                     stopping_criteria=stop,
+                                     max_new_tokens=max_new_tokens, **sampling, num_beams=1, pad_token_id=pad,
+                                     eos_token_id=tokenizer.eos_token_id if eos is None else eos)
             for i, text in zip(idx, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
                 texts[i] = text
     predictions = [parse_label(t, fmt.label_words) for t in texts]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.models import last_block_on_rows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,8 +154,9 @@ def sample_tokens(model, tokenizer, prompts: list[str] | list[list[int]], config
             # generate repeats each row ``samples`` times, but not a cache: its rows come repeated
             shifts = [width - len(encoded[i]) for i in idx for _ in range(config.samples)]
             cache = left_padded_cache(prefix, shifts) if prefix is not None else None
-            out = model.generate(input_ids=ids, attention_mask=mask, **cache_arg(model, cache),
-                                 **options)  # (B * samples, T + new)
+            with last_block_on_rows(model, 1):  # each forward (prompt, then one token) needs its last position
+                out = model.generate(input_ids=ids, attention_mask=mask, **cache_arg(model, cache),
+                                     **options)  # (B * samples, T + new)
             texts = tokenizer.batch_decode(out[:, ids.shape[1]:] if decoder_only else out, skip_special_tokens=True)
             new_ids = (out[:, ids.shape[1]:] if decoder_only else out[:, 1:]).tolist()  # T5: drop the start id
             done = [Continuation(text, *_cut_at_eos(row, eos)) for text, row in zip(texts, new_ids)]
