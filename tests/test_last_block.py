@@ -18,22 +18,28 @@ ITEMS = [Encoded([5, 6, 7, 8, 9, 10, 11], [12, 13], 0), Encoded([20, 21, 22], [2
          Encoded([30, 31, 32, 33, 34], [35, 36], 0)]
 
 
-def untrimmed(model, keep):
+def untrimmed(model):
     return contextlib.nullcontext()
 
 
-def last_mlp(model):
+def last_block_parts(model):
+    """The last block's attention output projection and MLP."""
     spec = model_spec(model.config)
-    suffix = f".{spec.layers - 1}.{spec.mlp_out.rsplit('.', 1)[0]}"
-    return next(m for n, m in model.named_modules() if n.endswith(suffix))
+    suffixes = [f".{spec.layers - 1}.{spec.attn_out}", f".{spec.layers - 1}.{spec.mlp_out.rsplit('.', 1)[0]}"]
+    return [next(m for n, m in model.named_modules() if n.endswith(s)) for s in suffixes]
 
 
-def rows_seen(model, keep):
-    """How many positions the last MLP reads inside ``last_block_on_rows(model, keep)``."""
+def last_mlp(model):
+    return last_block_parts(model)[1]
+
+
+def rows_seen(model, keep, part=1):
+    """How many positions the last MLP (part 1; 0: the attention output projection) reads in a forward
+    that keeps ``keep`` logits inside ``last_block_on_rows``."""
     seen = []
     ids = torch.arange(3, 12)[None]
-    with last_block_on_rows(model, keep):
-        hook = last_mlp(model).register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[-2]))
+    with last_block_on_rows(model):
+        hook = last_block_parts(model)[part].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[-2]))
         try:
             with torch.no_grad():
                 model(input_ids=ids, logits_to_keep=keep)
@@ -62,7 +68,8 @@ def loss_and_grads(model, loss_fn):
 def test_label_loss_and_gradients_unchanged(name, method, kw, monkeypatch):
     model = trained(name, method)
     batch = left_pad_batch(ITEMS, 0, device="cpu")
-    assert rows_seen(model, batch[3].shape[1] + 1) == batch[3].shape[1] + 1  # it did trim
+    k = batch[3].shape[1] + 1
+    assert rows_seen(model, k, part=0) == rows_seen(model, k) == k  # it did trim
     loss, grads = loss_and_grads(model, lambda: train.label_loss(model, *batch)[0])
     monkeypatch.setattr(train, "last_block_on_rows", untrimmed)
     ref_loss, ref_grads = loss_and_grads(model, lambda: train.label_loss(model, *batch)[0])
@@ -101,11 +108,12 @@ def test_hooks_removed_even_after_an_error():
     model = tiny("tiny-llama")
     before = hook_count(model)
     with pytest.raises(RuntimeError, match="boom"):
-        with last_block_on_rows(model, 2):
-            assert hook_count(model) == before + 4  # a pre-hook and a hook on each of two modules
+        with last_block_on_rows(model):
+            assert hook_count(model) == before + 5  # the model's (reads logits_to_keep), two on each part
             raise RuntimeError("boom")
     assert hook_count(model) == before
     assert rows_seen(model, 20) == 9  # keep beyond the length: nothing cut
+    assert rows_seen(model, 0) == 9  # logits_to_keep=0 keeps every position
 
 
 def test_off_under_gradient_checkpointing():
@@ -124,7 +132,7 @@ def hook_count(model):
 def test_encoder_decoder_untouched():
     model = tiny("tiny-t5")
     before = hook_count(model)
-    with last_block_on_rows(model, 1):
+    with last_block_on_rows(model):
         assert hook_count(model) == before
 
 
@@ -160,3 +168,39 @@ def test_generation_and_scoring_run_the_last_mlp_on_one_position(path, tokenizer
         label_logprobs(model, tokenizer, TaskFormat(), examples, progress=False)
     hook.remove()
     assert seen and set(seen) == {1}
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_modules_with_active_dropout_stay_whole(name, monkeypatch):
+    """All-linear LoRA with dropout puts masks inside the MLP (and GPT-2's MLP has its own): those
+    modules run on every position, so the masks, the loss and the gradients are the ones an
+    untrimmed run (or one with gradient checkpointing) draws."""
+    model = tiny(name)
+    peft.apply(model, peft.make_config("lora", target_modules="all-linear", dropout=0.1))
+    randomize([p for p in model.parameters() if p.requires_grad])
+    model.train()
+    assert rows_seen(model, 2) == 9
+    batch = left_pad_batch(ITEMS, 0, device="cpu")
+    loss, grads = loss_and_grads(model, lambda: train.label_loss(model, *batch)[0])
+    monkeypatch.setattr(train, "last_block_on_rows", untrimmed)
+    ref_loss, ref_grads = loss_and_grads(model, lambda: train.label_loss(model, *batch)[0])
+    assert torch.equal(loss, ref_loss) and all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+    model.eval()
+    assert rows_seen(model, 2) == 2  # eval: no dropout, trimmed again
+
+
+def test_assisted_decoding_keeps_what_it_verifies(tokenizer, monkeypatch):
+    """Prompt-lookup decoding (set in a model's generation config) verifies several candidate tokens
+    in one forward (logits_to_keep = candidates + 1): the trim follows each forward's own
+    logits_to_keep, so ``sample`` gives what it gives untrimmed."""
+    import lmlab.generate as generate
+    from lmlab.models import build_model, preset_config
+
+    config = preset_config("tiny-llama")
+    config.initializer_range = 0.3  # outputs that depend on the input, so candidates are verified
+    model = build_model(config, seed=0).eval()
+    model.generation_config.prompt_lookup_num_tokens = 4
+    prompt, cfg = ["a b c a b c a b c a b c a b"], generate.SamplingConfig(max_new_tokens=12, temperature=0)
+    got = generate.sample(model, tokenizer, prompt, cfg, progress=False, shared_prefix=False)
+    monkeypatch.setattr(generate, "last_block_on_rows", untrimmed)
+    assert got == generate.sample(model, tokenizer, prompt, cfg, progress=False, shared_prefix=False)

@@ -65,7 +65,7 @@ def completion_logps(model, items: list[Encoded], pad_id: int, device=None) -> t
 
     ids, mask, pos, labels = left_pad_batch(items, pad_id, device=device or model_device(model))  # labels (N, k)
     k = labels.shape[1]
-    with last_block_on_rows(model, k + 1):
+    with last_block_on_rows(model):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=k + 1,
                        use_cache=False).logits[:, :-1].float()  # (N, k, V)
     logp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0)[..., None])[..., 0]
@@ -191,7 +191,7 @@ class DpoTask:
     def loss(self, model, batch):
         (ids, mask, pos, labels), ref_chosen, ref_rejected = batch
         k = labels.shape[1]
-        with last_block_on_rows(model, k + 1):
+        with last_block_on_rows(model):
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=k + 1,
                            use_cache=False).logits[:, :-1].float()  # (2N, k, V)
         logp = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0)[..., None])[..., 0]

@@ -213,7 +213,7 @@ def evaluate_generation(model, tokenizer, fmt: TaskFormat, examples: list[Exampl
                                              device=model_device(model))  # (B, T)
             cache = left_padded_cache(prefix, (mask == 0).sum(1).tolist()) if prefix is not None else None
             stop = _stop_when_decided(tokenizer, fmt.label_words, ids.shape[1]) if stop_when_decided else None
-            with last_block_on_rows(model, 1):  # each forward (prompt, then one token) needs its last position
+            with last_block_on_rows(model):  # generate's forwards keep one position's logits (logits_to_keep=1)
                 out = model.generate(input_ids=ids, attention_mask=mask, **cache_arg(model, cache),
                                      stopping_criteria=stop,
                                      max_new_tokens=max_new_tokens, **sampling, num_beams=1, pad_token_id=pad,
@@ -298,7 +298,7 @@ def _prompt_forward(model, batch: list[Encoded], pad_id: int, shared: int, prefi
     ids, mask, pos, _ = left_pad_batch(batch, pad_id, with_completion=False, device=model_device(model))
     cache = left_padded_cache(prefix, (mask == 0).sum(1).tolist()) if prefix is not None else None
     start = shared if prefix is not None else 0
-    with last_block_on_rows(model, 1):
+    with last_block_on_rows(model):
         out = model(input_ids=ids[:, start:], attention_mask=mask, position_ids=pos[:, start:],
                     **cache_arg(model, cache), use_cache=True, logits_to_keep=1)
     return out.logits[:, -1], output_cache(out), mask, pos[:, -1] + 1

@@ -154,7 +154,7 @@ def sample_tokens(model, tokenizer, prompts: list[str] | list[list[int]], config
             # generate repeats each row ``samples`` times, but not a cache: its rows come repeated
             shifts = [width - len(encoded[i]) for i in idx for _ in range(config.samples)]
             cache = left_padded_cache(prefix, shifts) if prefix is not None else None
-            with last_block_on_rows(model, 1):  # each forward (prompt, then one token) needs its last position
+            with last_block_on_rows(model):  # generate's forwards keep one position's logits (logits_to_keep=1)
                 out = model.generate(input_ids=ids, attention_mask=mask, **cache_arg(model, cache),
                                      **options)  # (B * samples, T + new)
             texts = tokenizer.batch_decode(out[:, ids.shape[1]:] if decoder_only else out, skip_special_tokens=True)

@@ -50,7 +50,7 @@ def prefix_cache(model, prefix: list[int]):
     from lmlab.devices import model_device
 
     ids = torch.tensor([prefix], device=model_device(model))
-    with last_block_on_rows(model, 1):  # the cache holds keys and values, made before o_proj and the MLP
+    with last_block_on_rows(model):  # the cache holds keys and values, made before o_proj and the MLP
         cache = output_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))
     layers = getattr(cache, "layers", None)
     return cache if layers and all(type(layer) is DynamicLayer for layer in layers) else None

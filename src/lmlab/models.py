@@ -168,19 +168,24 @@ def contiguous_head_input(model):
 
 
 @contextmanager
-def last_block_on_rows(model, keep: int):
-    """While inside, the last block's attention output projection and MLP read only the last
-    ``keep`` positions and give zeros elsewhere: the label-only LM head (``logits_to_keep``) carried
-    one block down. Both are position-wise, so the kept positions' outputs are exact; the others'
-    final states are wrong, and a forward that keeps ``keep`` logits never reads them. The block's
-    keys and values (its KV cache) come before both and still cover every position. Off (a no-op)
-    for encoder-decoders, under gradient checkpointing (backward's recomputation runs without the
-    hooks) and where the modules are not found by name (FSDP1's renamed wrappers)."""
-    import torch.nn.functional as F
+def last_block_on_rows(model):
+    """While inside, every forward of ``model`` that keeps the last k logits (``logits_to_keep=k``,
+    as lmlab's losses and transformers' ``generate`` pass it) runs the last block's attention output
+    projection and MLP on those k positions only, with zeros elsewhere: the label-only LM head
+    carried one block down. Both are position-wise, so the kept positions' outputs are exact; the
+    others' final states are wrong and nothing reads them. The block's keys and values (its KV
+    cache) come before both and still cover every position.
 
-    config = getattr(getattr(model, "module", model), "config", None)  # DDP wraps the model
+    Off (a no-op) for encoder-decoders; under gradient checkpointing (backward's recomputation runs
+    without the hooks); for a module holding an active dropout (its masks, drawn over k rows, would
+    not be the ones drawn over T: a run would no longer repeat with checkpointing on or off); and
+    where the modules are not found by name (FSDP1's renamed wrappers)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    inner = getattr(model, "module", model)  # DDP wraps the model
     try:
-        spec = model_spec(config) if config is not None else None
+        spec = model_spec(inner.config) if hasattr(inner, "config") else None
     except LmlabError:
         spec = None
     found = []
@@ -191,18 +196,27 @@ def last_block_on_rows(model, keep: int):
             if getattr(module, "gradient_checkpointing", False) is True:
                 found = []
                 break
-            if name.endswith(suffixes):
+            if name.endswith(suffixes) and not any(
+                    m.training and isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules()):
                 found.append(module)
-    width, hooks = {}, []
+    keep, width, hooks = [0], {}, []
+
+    def read_keep(module, args, kwargs):
+        k = kwargs.get("logits_to_keep")
+        keep[0] = k if type(k) is int and k > 0 else 0
 
     def cut(module, args, kwargs):
-        if args and args[0].shape[-2] > keep:
+        width.pop(module, None)
+        k = keep[0]
+        if k and args and args[0].shape[-2] > k:
             width[module] = args[0].shape[-2]
-            return (args[0][..., -keep:, :].contiguous(), *args[1:]), kwargs  # Conv1D views it
+            return (args[0][..., -k:, :].contiguous(), *args[1:]), kwargs  # Conv1D views it
 
     def pad(module, args, kwargs, out):
-        return F.pad(out, (0, 0, width.pop(module) - keep, 0)) if module in width else None
+        return F.pad(out, (0, 0, width.pop(module) - out.shape[-2], 0)) if module in width else None
 
+    if found:
+        hooks.append(inner.register_forward_pre_hook(read_keep, with_kwargs=True))
     for module in found:
         hooks += [module.register_forward_pre_hook(cut, with_kwargs=True),
                   module.register_forward_hook(pad, with_kwargs=True)]

@@ -43,7 +43,7 @@ def label_loss(model, input_ids, attention_mask, position_ids, labels) -> tuple[
     Returns the loss and the number of label tokens it averages over (a 0-d tensor on the device).
     """
     k = labels.shape[1]
-    with last_block_on_rows(model, k + 1):
+    with last_block_on_rows(model):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     logits_to_keep=k + 1, use_cache=False)
     logits = out.logits[:, :-1, :]  # (B, k, V)
